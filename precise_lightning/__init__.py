@@ -1,0 +1,1 @@
+"""precise-lightning: GRPO post-training of flow-matching models with the Precise sampler."""

@@ -1,0 +1,121 @@
+"""One stochastic step in two modes (sample / score) and the rollout loop built on it.
+
+Rollout and training both go through :func:`sde_step`, so a stored transition re-scored by the same network on
+the same batch gives exactly the log-prob it was sampled with (importance ratio 1 at the first inner step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from precise_lightning.sampling.rules import RULES, check_rule, gaussian_log_prob, ode
+
+Velocity = Callable[[Tensor, Tensor], Tensor]  # (x [B, ...], t 0-d) -> v [B, ...]
+Generators = torch.Generator | Sequence[torch.Generator | None] | None
+
+
+@dataclass
+class StepOutput:
+    x_next: Tensor  # [B, ...]
+    mean: Tensor  # [B, ...]
+    std: Tensor  # broadcastable to mean
+    log_prob: Tensor  # [B], float32 or wider
+
+
+@dataclass
+class Trajectory:
+    latents: Tensor  # [N + 1, B, ...]: latents[0] is the initial noise, latents[N] the sample
+    timesteps: Tensor  # [N + 1], decreasing from 1 to 0
+    sde_steps: list[int]  # the K stochastic steps i (x_i -> x_{i+1}), ascending
+    log_probs: Tensor  # [B, K] log-prob of each stochastic transition
+    stds: Tensor  # [K, ...] std of each stochastic transition
+    means: Tensor | None = None  # [K, B, ...] when requested (KL or ratio normalisation needs them)
+
+
+def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device so a seed means the same noise."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def sde_step(
+    rule: str,
+    x: Tensor,
+    v: Tensor,
+    t: Tensor,
+    t_next: Tensor,
+    eta: float,
+    x_next: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduce: str = "mean",
+    **context,
+) -> StepOutput:
+    """Sample ``x_next`` (when None) or score the given one under the step's Gaussian transition.
+
+    ``t``, ``t_next`` are 0-d tensors (or broadcastable over ``x``); ``eta`` must already be validated.
+    """
+    mean, std = RULES[rule](x, v, t, t_next, eta, **context)
+    if x_next is None:
+        x_next = mean + std * noise_like(x, generator)
+    return StepOutput(x_next, mean, std, gaussian_log_prob(x_next, mean, std, reduce=reduce))
+
+
+def _step_generator(generator: Generators, i: int) -> torch.Generator | None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    return generator[i]
+
+
+@torch.no_grad()
+def rollout(
+    velocity: Velocity,
+    noise: Tensor,
+    timesteps: Tensor,
+    rule: str,
+    eta: float | None = None,
+    sde_steps: Sequence[int] | None = None,
+    generator: Generators = None,
+    keep_means: bool = False,
+    reduce: str = "mean",
+) -> Trajectory:
+    """Integrate from ``noise`` (t = 1) along ``timesteps``; steps in ``sde_steps`` use ``rule``, the rest Euler.
+
+    ``sde_steps`` defaults to every step but the last, which is always deterministic (x_N = x0_hat) and carries
+    no log-prob. ``generator`` is one generator for the whole rollout or a sequence with one per step.
+    """
+    eta = check_rule(rule, eta)
+    n = len(timesteps) - 1
+    sde_steps = sorted(range(n - 1) if sde_steps is None else sde_steps) if rule != "ode" else []
+    if sde_steps and (sde_steps[0] < 0 or sde_steps[-1] >= n - 1):
+        raise ValueError(f"stochastic steps must lie in [0, {n - 2}] (the last step is deterministic), got {sde_steps}")
+    if not isinstance(generator, (torch.Generator, type(None))) and len(generator) != n:
+        raise ValueError(f"got {len(generator)} generators for {n} steps; pass one per step or a single one")
+    times = timesteps.to(device=noise.device, dtype=noise.dtype)
+    stochastic = set(sde_steps)
+    x, latents, log_probs, stds, means = noise, [noise], [], [], []
+    for i in range(n):
+        t, t_next = times[i], times[i + 1]
+        v = velocity(x, t)
+        if i in stochastic:
+            out = sde_step(rule, x, v, t, t_next, eta, generator=_step_generator(generator, i), reduce=reduce)
+            x = out.x_next
+            log_probs.append(out.log_prob)
+            stds.append(out.std)
+            if keep_means:
+                means.append(out.mean)
+        else:
+            x = ode(x, v, t, t_next)[0]
+        latents.append(x)
+    batch = noise.shape[0]
+    return Trajectory(
+        latents=torch.stack(latents),
+        timesteps=timesteps,
+        sde_steps=list(sde_steps),
+        log_probs=torch.stack(log_probs, dim=1) if log_probs else noise.new_zeros(batch, 0, dtype=torch.float32),
+        stds=torch.stack(stds) if stds else noise.new_zeros(0),
+        means=torch.stack(means) if keep_means and means else None,
+    )

@@ -1,0 +1,99 @@
+"""The sampler a config chooses: a step rule, its noise level, a time grid and an optional SDE window."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from precise_lightning.sampling.grids import LinearGrid, TimeGrid
+from precise_lightning.sampling.rollout import Generators, StepOutput, Trajectory, Velocity, rollout, sde_step
+from precise_lightning.sampling.rules import check_rule
+
+
+class Sampler:
+    """Stochastic (or ODE) sampler over ``num_steps`` steps of ``grid``.
+
+    Args:
+        rule: step rule, one of ``ode``, ``flow_sde``, ``dance_sde``, ``cps``, ``precise``, ``dance_precise``.
+        eta: noise level; None takes the rule's default (precise 1.5, flow_sde / cps 0.7, dance 0.3).
+        num_steps: number of steps N (network evaluations), at least 2.
+        grid: time grid family; default uniform in t.
+        sde_window: ``[start, stop)`` step indices that are stochastic (MixGRPO / Flow-GRPO "fast"); the others
+            are Euler steps. None makes every step but the last stochastic.
+        log_prob_reduce: ``mean`` (reference implementations, clip ranges calibrated to it) or ``sum`` over elements.
+    """
+
+    def __init__(
+        self,
+        rule: str = "precise",
+        eta: float | None = None,
+        num_steps: int = 10,
+        grid: TimeGrid | None = None,
+        sde_window: tuple[int, int] | None = None,
+        log_prob_reduce: str = "mean",
+    ) -> None:
+        self.eta = check_rule(rule, eta)
+        self.rule = rule
+        if int(num_steps) != num_steps or num_steps < 2:
+            raise ValueError(f"num_steps must be an integer >= 2, got {num_steps}")
+        self.num_steps = int(num_steps)
+        if log_prob_reduce not in ("mean", "sum"):
+            raise ValueError(f"log_prob_reduce must be 'mean' or 'sum', got {log_prob_reduce!r}")
+        self.log_prob_reduce = log_prob_reduce
+        self.grid = grid if grid is not None else LinearGrid()
+        if sde_window is not None:
+            start, stop = sde_window
+            if rule == "ode":
+                raise ValueError("rule 'ode' has no stochastic steps: drop sde_window or choose a stochastic rule")
+            if not 0 <= start < stop <= self.num_steps - 1:
+                raise ValueError(
+                    f"sde_window {list(sde_window)} must satisfy 0 <= start < stop <= {self.num_steps - 1} "
+                    f"(steps are 0..{self.num_steps - 1} and the last one is deterministic)"
+                )
+        self.sde_window = sde_window
+        self._timesteps = self.grid(self.num_steps)
+        if not (self._timesteps[0] == 1 and self._timesteps[-1] == 0 and (self._timesteps.diff() < 0).all()):
+            raise ValueError(f"{type(self.grid).__name__} must give times decreasing from 1 to 0")
+
+    @property
+    def timesteps(self) -> Tensor:
+        """[N + 1] float64, from 1 to 0."""
+        return self._timesteps
+
+    @property
+    def sde_steps(self) -> list[int]:
+        """Indices of the stochastic steps, the only ones with a log-prob (and so the only trainable ones)."""
+        if self.rule == "ode":
+            return []
+        start, stop = self.sde_window if self.sde_window is not None else (0, self.num_steps - 1)
+        return list(range(start, stop))
+
+    def sample(
+        self, velocity: Velocity, noise: Tensor, generator: Generators = None, keep_means: bool = False
+    ) -> Trajectory:
+        """Roll out from ``noise`` [B, ...] (no grad); see :func:`precise_lightning.sampling.rollout`."""
+        return rollout(
+            velocity,
+            noise,
+            self.timesteps,
+            self.rule,
+            self.eta,
+            sde_steps=self.sde_steps,
+            generator=generator,
+            keep_means=keep_means,
+            reduce=self.log_prob_reduce,
+        )
+
+    def score(self, step: int, x: Tensor, v: Tensor, x_next: Tensor) -> StepOutput:
+        """Log-prob (with grad through ``v``) of a stored transition ``x -> x_next`` of step ``step``."""
+        times = self.timesteps.to(device=x.device, dtype=x.dtype)
+        return sde_step(self.rule, x, v, times[step], times[step + 1], self.eta, x_next, reduce=self.log_prob_reduce)
+
+    def __repr__(self) -> str:
+        window = f", sde_window={list(self.sde_window)}" if self.sde_window else ""
+        return f"Sampler(rule={self.rule!r}, eta={self.eta}, num_steps={self.num_steps}{window})"
+
+
+def seeded_generators(seed: int, num_steps: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per step, seeded ``seed * 1_000 + step``, so each step's noise is reproducible on its own."""
+    return [torch.Generator(device=device).manual_seed(seed * 1_000 + i) for i in range(num_steps)]
