@@ -22,7 +22,14 @@ from precise_lightning.sampling.grids import (
     shifted_linspace,
 )
 from precise_lightning.sampling.rollout import StepOutput, Trajectory, rollout, sde_step
-from precise_lightning.sampling.rules import DEFAULT_ETA, RULES, gaussian_log_prob, posterior_estimates, transition
+from precise_lightning.sampling.rules import (
+    DEFAULT_ETA,
+    RULES,
+    gaussian_log_prob,
+    posterior_estimates,
+    transition,
+    velocity_gain,
+)
 from precise_lightning.sampling.sampler import Sampler, seeded_generators
 
 __all__ = [
@@ -45,4 +52,5 @@ __all__ = [
     "seeded_generators",
     "shifted_linspace",
     "transition",
+    "velocity_gain",
 ]

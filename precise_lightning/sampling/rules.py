@@ -130,6 +130,12 @@ def transition(
     return RULES[rule](x, v, t, t_next, eta, **context)
 
 
+def velocity_gain(rule: str, t: float, t_next: float, eta: float | None = None) -> float:
+    """d mean / d v of one step (every rule's mean is affine in v): GRPO-Guard divides the policy loss by its size."""
+    zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    return float(transition(rule, zero, one, t, t_next, eta)[0] - transition(rule, zero, zero, t, t_next, eta)[0])
+
+
 def gaussian_log_prob(
     x_next: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "mean", std_floor: float = 1e-12
 ) -> Tensor:

@@ -1,0 +1,7 @@
+"""Lightning callbacks: reward scoring, EMA of the trainable weights, evaluation image grids."""
+
+from precise_lightning.callbacks.ema import EMA
+from precise_lightning.callbacks.images import ImageGridLogger
+from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
+
+__all__ = ["EMA", "ImageGridLogger", "RewardScorer", "find_reward_scorer"]

@@ -1,0 +1,76 @@
+"""EMA of the trainable weights, swapped in for evaluation and saved in checkpoints.
+
+Lightning's WeightAveraging copies the whole LightningModule; with LoRA on a multi-billion-parameter model that
+is a second full model, so this keeps shadows of the trainable tensors only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class EMA(Callback):
+    """shadow <- d shadow + (1 - d) w every ``every_n_steps`` optimizer steps, d = min((1 + k) / (10 + k), decay)
+    at the k-th update when ``warmup`` (the Flow-GRPO / Precise recipes), else ``decay``."""
+
+    def __init__(self, decay: float = 0.9, every_n_steps: int = 8, warmup: bool = True) -> None:
+        super().__init__()
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.decay, self.every_n_steps, self.warmup = decay, every_n_steps, warmup
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.num_updates = 0
+        self._last_step = -1
+        self._backup: dict[str, torch.Tensor] | None = None
+
+    def _params(self, pl_module: LightningModule) -> dict[str, torch.nn.Parameter]:
+        return dict(pl_module.policy.named_trainable_parameters())
+
+    def current_decay(self) -> float:
+        k = self.num_updates
+        return min((1 + k) / (10 + k), self.decay) if self.warmup else self.decay
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        params = self._params(pl_module)
+        if not self.shadow:
+            self.shadow = {n: p.detach().clone() for n, p in params.items()}
+        self.shadow = {n: s.to(params[n].device) for n, s in self.shadow.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._last_step or step % self.every_n_steps:
+            return
+        self._last_step = step
+        d = self.current_decay()
+        for name, p in self._params(pl_module).items():
+            self.shadow[name].lerp_(p.detach(), 1 - d)
+        self.num_updates += 1
+        pl_module.log("ema/decay", d)
+
+    @torch.no_grad()
+    def _swap(self, pl_module: LightningModule) -> None:
+        for name, p in self._params(pl_module).items():
+            tmp = p.detach().clone()
+            p.copy_(self.shadow[name])
+            self.shadow[name] = tmp
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.shadow and not trainer.sanity_checking:
+            self._swap(pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.shadow and not trainer.sanity_checking:
+            self._swap(pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": {n: s.cpu() for n, s in self.shadow.items()}, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.shadow = dict(state_dict["shadow"])
+        self.num_updates = state_dict["num_updates"]

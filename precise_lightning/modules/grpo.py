@@ -1,0 +1,285 @@
+"""GRPOModule: online GRPO for flow-matching policies with a pluggable stochastic sampler (DESIGN section 3)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
+from precise_lightning.modules.losses import group_advantages, grpo_guard_log_ratio, kl_to_reference, ppo_policy_loss
+from precise_lightning.modules.policy import Policy, slice_cond
+from precise_lightning.sampling import Sampler, Trajectory, velocity_gain
+
+# Extremes, not means, are what matter for these diagnostics (ratio_drift_first must be exactly 0).
+_REDUCE = {"ratio_max": max, "ratio_max_dev": max, "ratio_drift_first": max, "ratio_min": min}
+
+
+class GRPOModule(LightningModule):
+    """One training step = rollout (no grad) -> rewards -> group advantages -> PPO-clipped updates.
+
+    Args:
+        policy: the model (``class_path`` of a :class:`Policy`).
+        sampler: the stochastic policy used for rollouts and re-scoring (default: Precise, 10 steps).
+        eval_sampler: sampler for evaluation (default: ODE with the training sampler's grid and step count).
+        optimizer: optimizer over the trainable weights (LoRA adapters or the whole denoiser).
+        clip_range: PPO ratio clip (1e-4 Flow-GRPO SD3.5; 4e-6 Precise FLUX.2, with mean-reduced log-probs).
+        adv_clip_max: advantages are clipped to +-adv_clip_max.
+        beta: weight of the KL to the reference model (0 disables it and the reference forward).
+        std_scope: advantage normaliser, ``group`` (per-prompt std) or ``global`` (std over all ranks' rewards).
+        train_fraction: share of the sampler's stochastic steps trained per iteration, a random subset if < 1.
+        inner_epochs: passes over each rollout.
+        micro_batch_size: samples per forward / backward (rollout uses the same split, so numerics match).
+        updates_per_rollout: optimizer steps per inner epoch; gradients accumulate over steps and micro-batches
+            in between (the Precise recipe: 2).
+        max_grad_norm: gradient clipping by total norm (None disables it).
+        ratio_norm: GRPO-Guard ratio normalisation (DESIGN section 6).
+        eval_seed: seed of evaluation noise, per prompt, so evaluation images are comparable across runs.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        sampler: Sampler | None = None,
+        eval_sampler: Sampler | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        clip_range: float = 1e-4,
+        adv_clip_max: float = 5.0,
+        beta: float = 0.0,
+        std_scope: str = "group",
+        train_fraction: float = 1.0,
+        inner_epochs: int = 1,
+        micro_batch_size: int | None = None,
+        updates_per_rollout: int = 1,
+        max_grad_norm: float | None = 1.0,
+        ratio_norm: bool = False,
+        eval_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.sampler = sampler if sampler is not None else Sampler()
+        if not self.sampler.sde_steps:
+            raise ValueError(f"the training sampler must be stochastic, got {self.sampler}: use e.g. rule 'precise'")
+        self.eval_sampler = eval_sampler or Sampler("ode", num_steps=self.sampler.num_steps, grid=self.sampler.grid)
+        checks = [
+            (clip_range > 0, f"clip_range must be > 0, got {clip_range}"),
+            (adv_clip_max > 0, f"adv_clip_max must be > 0, got {adv_clip_max}"),
+            (beta >= 0, f"beta must be >= 0, got {beta}"),
+            (std_scope in ("group", "global"), f"std_scope must be 'group' or 'global', got {std_scope!r}"),
+            (0 < train_fraction <= 1, f"train_fraction must be in (0, 1], got {train_fraction}"),
+            (inner_epochs >= 1, f"inner_epochs must be >= 1, got {inner_epochs}"),
+            (micro_batch_size is None or micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {micro_batch_size}"),
+            (updates_per_rollout >= 1, f"updates_per_rollout must be >= 1, got {updates_per_rollout}"),
+            (max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be > 0 or null, got {max_grad_norm}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.save_hyperparameters(ignore=["policy", "sampler", "eval_sampler", "optimizer"])
+        self.policy = policy
+        self.optimizer = optimizer
+        self.automatic_optimization = False
+        if beta > 0:
+            self.policy.enable_reference()
+        self.scorer: RewardScorer | None = None
+        self.eval_metrics = nn.ModuleDict()
+
+    # ---- set-up -----------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self.scorer = find_reward_scorer(self.trainer)
+        names = ["reward"] + [f"reward/{name}" for name in self.scorer.rewards]
+        self.eval_metrics = nn.ModuleDict({n.replace("/", "_"): MeanMetric() for n in names})
+        batch_size = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
+        micro = self.hparams.micro_batch_size
+        if stage == "fit" and batch_size and micro:
+            chunks = batch_size // micro
+            if batch_size % micro or chunks % self.hparams.updates_per_rollout:
+                raise ValueError(
+                    f"data.batch_size ({batch_size}) must split into micro-batches of {micro} whose number is a "
+                    f"multiple of updates_per_rollout ({self.hparams.updates_per_rollout})"
+                )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer(self.policy.trainable_parameters())
+
+    # ---- rollout ----------------------------------------------------------------------------------------------
+    def _micro_slices(self, batch_size: int) -> list[slice]:
+        micro = self.hparams.micro_batch_size or batch_size
+        return [slice(i, min(i + micro, batch_size)) for i in range(0, batch_size, micro)]
+
+    @torch.no_grad()
+    def rollout(self, cond: Any, noise: Tensor, slices: list[slice], generator: torch.Generator | None):
+        """Trajectories per micro-batch (the same split the update uses) and the decoded images [B, C, H, W]."""
+        trajectories = []
+        for s in slices:
+            cond_s = slice_cond(cond, s)
+            trajectories.append(
+                self.sampler.sample(
+                    lambda x, t: self.policy.velocity(x, t, cond_s),
+                    noise[s],
+                    generator=generator,
+                    keep_means=self.hparams.ratio_norm,
+                )
+            )
+        images = self.policy.decode(torch.cat([traj.latents[-1] for traj in trajectories]))
+        return trajectories, images
+
+    def _rollout_generator(self) -> torch.Generator:
+        seed = int(torch.randint(2**31 - 1, ())) + 7919 * self.global_rank  # default RNG: seeded by seed_everything
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        prompts, group_ids = batch["prompts"], batch["group_ids"]
+        slices = self._micro_slices(len(prompts))
+        with self._phase("rollout"):
+            cond = self.policy.encode(prompts)
+            generator = self._rollout_generator()
+            noise = torch.randn(len(prompts), *self.policy.latent_shape, generator=generator, device=self.device)
+            trajectories, images = self.rollout(cond, noise, slices, generator)
+        with self._phase("reward"):
+            rewards, components = self.scorer.score(images, prompts)
+            global_std = None
+            if self.hparams.std_scope == "global":
+                global_std = self.all_gather(rewards).reshape(-1).float().std(unbiased=False)
+            advantages = group_advantages(
+                rewards, group_ids, self.hparams.std_scope, self.hparams.adv_clip_max, global_std=global_std
+            )
+        with self._phase("update"):
+            stats = self.update(trajectories, cond, slices, advantages)
+        self._log_train(rewards, components, advantages, stats)
+
+    def trained_steps(self, sde_steps: list[int]) -> list[int]:
+        """The stochastic steps trained this iteration: all, or a random subset of ``train_fraction`` of them."""
+        k = math.ceil(self.hparams.train_fraction * len(sde_steps))
+        if k == len(sde_steps):
+            return list(sde_steps)
+        picked = torch.randperm(len(sde_steps))[:k].sort().values
+        return [sde_steps[i] for i in picked.tolist()]
+
+    def update(
+        self, trajectories: list[Trajectory], cond: Any, slices: list[slice], advantages: Tensor
+    ) -> dict[str, list[float]]:
+        """PPO updates over the stored rollout; backward per (micro-batch, step) to bound memory."""
+        hp = self.hparams
+        opt = self.optimizers()
+        steps = self.trained_steps(trajectories[0].sde_steps)
+        if len(slices) % hp.updates_per_rollout:
+            raise ValueError(
+                f"{len(slices)} micro-batches cannot be split into updates_per_rollout={hp.updates_per_rollout} "
+                "equal accumulation groups: adjust micro_batch_size or updates_per_rollout"
+            )
+        per_update = len(slices) // hp.updates_per_rollout
+        groups = [range(g * per_update, (g + 1) * per_update) for g in range(hp.updates_per_rollout)]
+        times = self.sampler.timesteps
+        stats: dict[str, list[float]] = defaultdict(list)
+        first_update = True
+        for _ in range(hp.inner_epochs):
+            for group in groups:
+                scale = 1.0 / (len(group) * len(steps))
+                for m in group:
+                    traj, cond_m, adv = trajectories[m], slice_cond(cond, slices[m]), advantages[slices[m]]
+                    for i in steps:
+                        out = self._step_loss(traj, cond_m, adv, i, float(times[i]), float(times[i + 1]))
+                        self.manual_backward(out.pop("loss") * scale)
+                        for key, value in out.items():
+                            stats[key].append(value)
+                        if first_update:
+                            stats["ratio_drift_first"].append(out["ratio_max_dev"])
+                stats["grad_norm"].append(float(grad_norm(self.policy, norm_type=2).get("grad_2.0_norm_total", 0.0)))
+                if hp.max_grad_norm is not None:
+                    self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                first_update = False
+        return stats
+
+    def _step_loss(
+        self, traj: Trajectory, cond: Any, advantages: Tensor, i: int, t: float, t_next: float
+    ) -> dict[str, Any]:
+        """Loss (with graph) and detached diagnostics of stochastic step ``i`` for one micro-batch."""
+        hp = self.hparams
+        k = traj.sde_steps.index(i)
+        x, x_next = traj.latents[i], traj.latents[i + 1]
+        t_tensor = torch.tensor(t, dtype=x.dtype, device=x.device)
+        out = self.sampler.score(i, x, self.policy.velocity(x, t_tensor, cond), x_next)
+        old_log_prob = traj.log_probs[:, k]
+        if hp.ratio_norm:
+            log_ratio = grpo_guard_log_ratio(out.log_prob, old_log_prob, out.mean, traj.means[k], out.std)
+        else:
+            log_ratio = out.log_prob - old_log_prob
+        ppo = ppo_policy_loss(log_ratio, advantages, hp.clip_range)
+        loss = ppo.loss
+        if hp.ratio_norm:
+            loss = loss / abs(velocity_gain(self.sampler.rule, t, t_next, self.sampler.eta))
+        kl = torch.zeros((), device=x.device)
+        if hp.beta > 0:
+            with torch.no_grad(), self.policy.reference():
+                mean_ref = self.sampler.score(i, x, self.policy.velocity(x, t_tensor, cond), x_next).mean
+            kl = kl_to_reference(out.mean, mean_ref, out.std).mean()
+            loss = loss + hp.beta * kl
+        return {
+            "loss": loss,
+            "policy_loss": float(ppo.loss.detach()),
+            "kl": float(kl.detach()),
+            "clip_fraction": float(ppo.clip_fraction),
+            "approx_kl": float(ppo.approx_kl),
+            "ratio_mean": float(ppo.ratio.mean()),
+            "ratio_min": float(ppo.ratio.min()),
+            "ratio_max": float(ppo.ratio.max()),
+            "ratio_max_dev": float((ppo.ratio - 1).abs().max()),
+        }
+
+    # ---- evaluation -------------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        prompts, ids = batch["prompts"], batch["sample_ids"]
+        seed = self.hparams.eval_seed * 1_000_003
+        noise = torch.stack(
+            [torch.randn(self.policy.latent_shape, generator=torch.Generator().manual_seed(seed + int(i))) for i in ids]
+        ).to(self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed + int(ids[0]))
+        with torch.no_grad():
+            cond = self.policy.encode(prompts)
+            traj = self.eval_sampler.sample(lambda x, t: self.policy.velocity(x, t, cond), noise, generator=generator)
+            images = self.policy.decode(traj.latents[-1])
+        rewards, components = self.scorer.score(images, prompts)
+        self.eval_metrics["reward"].update(rewards)
+        for name, value in components.items():
+            self.eval_metrics[f"reward_{name}"].update(value)
+        return {"images": images, "prompts": prompts, "rewards": rewards}
+
+    def on_validation_epoch_end(self) -> None:
+        for key, metric in self.eval_metrics.items():
+            self.log(f"eval/{key.replace('_', '/', 1)}", metric.compute(), prog_bar=key == "reward", sync_dist=False)
+            metric.reset()
+
+    # ---- logging ----------------------------------------------------------------------------------------------
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        self.log(f"time/{name}_s", time.perf_counter() - start, on_step=True)
+
+    def _log_train(self, rewards: Tensor, components: dict[str, Tensor], advantages: Tensor, stats: dict) -> None:
+        batch_size = len(rewards)
+        log = dict(on_step=True, batch_size=batch_size)
+        self.log("train/reward", rewards.mean(), prog_bar=True, sync_dist=True, **log)
+        self.log("train/reward_std", rewards.std(unbiased=False), **log)
+        for name, value in components.items():
+            self.log(f"train/reward/{name}", value.mean(), sync_dist=True, **log)
+            self.log(f"train/reward/{name}_std", value.std(unbiased=False), **log)
+        self.log("train/zero_advantage_fraction", (advantages == 0).float().mean(), **log)
+        for key, values in stats.items():
+            reduce = _REDUCE.get(key, lambda v: sum(v) / len(v))
+            self.log(f"train/{key}", float(reduce(values)), **log)

@@ -1,0 +1,67 @@
+"""GRPO math: group advantages, the PPO-clipped surrogate, the KL penalty and ratio diagnostics. Pure torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def group_advantages(
+    rewards: Tensor, group_ids: Tensor, std_scope: str = "group", clip: float = 5.0, eps: float = 1e-4,
+    global_std: Tensor | None = None,
+) -> Tensor:
+    """(r - group mean) / (std + eps), clipped to +-clip (DanceGRPO / Flow-GRPO); rewards, group_ids: [B] -> [B].
+
+    ``std_scope="group"`` divides by each group's population std; ``"global"`` by the std of all rewards
+    (``global_std`` when the caller gathered them across ranks, else the std of ``rewards``). A group whose
+    rewards are all equal gets advantage 0: it carries no signal.
+    """
+    if std_scope not in ("group", "global"):
+        raise ValueError(f"std_scope must be 'group' or 'global', got {std_scope!r}")
+    rewards = rewards.float()
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), device=rewards.device).index_add_(0, inverse, rewards)
+    mean = (sums / counts)[inverse]
+    centred = rewards - mean
+    if std_scope == "group":
+        var = torch.zeros(len(counts), device=rewards.device).index_add_(0, inverse, centred**2) / counts
+        std = var.sqrt()[inverse]
+    else:
+        std = global_std.float() if global_std is not None else rewards.std(unbiased=False)
+    return (centred / (std + eps)).clamp(-clip, clip)
+
+
+@dataclass
+class PolicyLossOutput:
+    loss: Tensor  # scalar PPO-clipped policy loss, with graph
+    ratio: Tensor  # [B], detached
+    clip_fraction: Tensor  # scalar
+    approx_kl: Tensor  # scalar, 0.5 E[(lp - lp_old)^2]
+
+
+def kl_to_reference(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
+    """Per-sample KL between N(mean, std^2) and N(mean_ref, std^2), averaged over elements like the log-prob: [B]."""
+    dims = tuple(range(1, mean.ndim))
+    sq = ((mean - mean_ref) ** 2).float()
+    return (sq / (2 * std.float() ** 2)).mean(dim=dims) if dims else sq / (2 * std.float() ** 2)
+
+
+def grpo_guard_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor) -> Tensor:
+    """GRPO-Guard ratio normalisation: (lp - lp_old + ||mean - mean_old||^2 / (2 std^2)) * std, per sample [B]."""
+    shift = kl_to_reference(mean, old_mean, std)
+    std_per_sample = std.float().expand_as(mean).reshape(len(mean), -1)[:, 0]
+    return (log_prob - old_log_prob + shift) * std_per_sample
+
+
+def ppo_policy_loss(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> PolicyLossOutput:
+    """PPO-clipped surrogate (arXiv 1707.06347 eq. 7) on per-sample log-ratios [B] and advantages [B]."""
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        clip_fraction = ((ratio - 1.0).abs() > clip_range).float().mean()
+        approx_kl = 0.5 * (log_ratio**2).mean()
+    return PolicyLossOutput(loss=loss, ratio=ratio.detach(), clip_fraction=clip_fraction, approx_kl=approx_kl)

@@ -1,0 +1,95 @@
+"""The policy contract every model implements, and the LoRA / reference-model handling they share."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+
+def slice_cond(cond: Any, index: slice | Tensor) -> Any:
+    """Select batch rows of a conditioning (a tensor, or a dict / tuple of tensors)."""
+    return tree_map(lambda c: c[index] if isinstance(c, Tensor) else c, cond)
+
+
+class Policy(nn.Module):
+    """``encode(prompts) -> cond``, ``velocity(x, t, cond) -> v``, ``decode(latents) -> images in [0, 1]``.
+
+    Subclasses build their network and hand it to :meth:`attach_denoiser`. With ``lora_rank > 0`` only peft LoRA
+    adapters train and the reference model is the same network with adapters disabled; with ``lora_rank = 0`` the
+    whole denoiser trains and the reference is a frozen copy, made only when a KL penalty asks for it.
+    """
+
+    latent_shape: tuple[int, ...]
+
+    def __init__(self, lora_rank: int = 0, lora_alpha: float | None = None, lora_targets: list[str] | None = None):
+        super().__init__()
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
+        if lora_rank and not lora_targets:
+            raise ValueError("lora_targets must name the modules that get adapters (e.g. ['to_q', 'to_k', 'to_v'])")
+        self.lora_rank, self.lora_alpha, self.lora_targets = lora_rank, lora_alpha, lora_targets
+        self.reference_denoiser: nn.Module | None = None
+        self._use_reference = False
+
+    def attach_denoiser(self, denoiser: nn.Module) -> None:
+        if self.lora_rank:
+            denoiser.requires_grad_(False)
+            config = LoraConfig(
+                r=self.lora_rank,
+                lora_alpha=self.lora_alpha or self.lora_rank,
+                target_modules=self.lora_targets,
+                init_lora_weights="gaussian",
+                lora_dropout=0.0,  # dropout would make rollout and re-scoring differ (ratio != 1)
+            )
+            denoiser = get_peft_model(denoiser, config)
+        self.denoiser = denoiser
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def enable_reference(self) -> None:
+        """Make the reference model available (a frozen copy for full fine-tuning; free with LoRA)."""
+        if not self.lora_rank and self.reference_denoiser is None:
+            self.reference_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False)
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """Within this context :meth:`velocity` is the reference (base) model's."""
+        if self.lora_rank:
+            with self.denoiser.disable_adapter():
+                yield
+            return
+        if self.reference_denoiser is None:
+            raise RuntimeError("no reference model: call enable_reference() first (GRPOModule does when beta > 0)")
+        self._use_reference = True
+        try:
+            yield
+        finally:
+            self._use_reference = False
+
+    @property
+    def active_denoiser(self) -> nn.Module:
+        return self.reference_denoiser if self._use_reference else self.denoiser
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def encode(self, prompts: list[str]) -> Any:
+        raise NotImplementedError
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """v [B, ...] at latents x [B, ...] and time t (0-d or [B])."""
+        return self.active_denoiser(x, t, cond)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        raise NotImplementedError
