@@ -25,7 +25,7 @@ class EMA(Callback):
         self.decay, self.every_n_steps, self.warmup = decay, every_n_steps, warmup
         self.shadow: dict[str, torch.Tensor] = {}
         self.num_updates = 0
-        self._last_step = -1
+        self._last_step = 0
         self._backup: dict[str, torch.Tensor] | None = None
 
     def _params(self, pl_module: LightningModule) -> dict[str, torch.nn.Parameter]:
@@ -40,11 +40,13 @@ class EMA(Callback):
         if not self.shadow:
             self.shadow = {n: p.detach().clone() for n, p in params.items()}
         self.shadow = {n: s.to(params[n].device) for n, s in self.shadow.items()}
+        self._last_step = trainer.global_step
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if step == self._last_step or step % self.every_n_steps:
+        # A rollout may take several optimizer steps: update whenever a multiple of every_n_steps was crossed.
+        step, every = trainer.global_step, self.every_n_steps
+        if step // every == self._last_step // every:
             return
         self._last_step = step
         d = self.current_decay()

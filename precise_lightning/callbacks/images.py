@@ -46,7 +46,8 @@ class ImageGridLogger(Callback):
         if self.upscale > 1:
             images = torch.nn.functional.interpolate(images, scale_factor=self.upscale, mode="nearest")
         grid = make_grid(images, nrow=8, padding=2, pad_value=0.5)
-        step = trainer.global_step
+        # The x-axis self.log uses (training batches, i.e. rollouts), so grids line up with eval/reward.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("eval/samples", grid, step)

@@ -1,0 +1,115 @@
+"""Prompt files, group collation, the DataModule's checks and group integrity across ranks."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from precise_lightning.data import PromptDataModule, read_prompts
+from precise_lightning.data.digits import parse_digit
+from precise_lightning.data.prompts import GroupCollate, PromptDataset
+
+
+def _write(tmp_path, name, lines):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_read_txt_and_jsonl(tmp_path):
+    assert read_prompts(_write(tmp_path, "p.txt", ["a cat", "", "  a dog  "])) == [{"prompt": "a cat"}, {"prompt": "a dog"}]
+    rows = [json.dumps({"prompt": "a cat", "tags": ["animal"]}), json.dumps({"prompt": "a car"})]
+    assert read_prompts(_write(tmp_path, "p.jsonl", rows))[0] == {"prompt": "a cat", "tags": ["animal"]}
+
+
+@pytest.mark.parametrize(
+    "name,lines,message",
+    [
+        ("empty.txt", ["", "  "], "has no prompts"),
+        ("bad.jsonl", ["{not json"], r"bad.jsonl:1: not valid JSON"),
+        ("noprompt.jsonl", [json.dumps({"text": "x"})], 'needs a string "prompt" field'),
+    ],
+)
+def test_bad_prompt_files(tmp_path, name, lines, message):
+    with pytest.raises(ValueError, match=message):
+        read_prompts(_write(tmp_path, name, lines))
+
+
+def test_missing_file_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist: check data.train_file"):
+        PromptDataModule(train_file=str(tmp_path / "nope.txt"))
+
+
+def test_group_collate():
+    batch = GroupCollate(3)([{"index": 4, "prompt": "a", "k": 1}, {"index": 9, "prompt": "b"}])
+    assert batch["prompts"] == ["a"] * 3 + ["b"] * 3
+    assert batch["group_ids"].tolist() == [4, 4, 4, 9, 9, 9]
+    assert batch["sample_ids"].tolist() == [12, 13, 14, 27, 28, 29]
+    assert batch["metadata"][0] == {"k": 1} and batch["metadata"][3] == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(group_size=1), r"group_size must be >= 2"),
+        (dict(group_size=8, batch_size=30), r"batch_size \(30\) must be a positive multiple of group_size \(8\): e.g. 32"),
+        (dict(group_size=8, batch_size=4), r"batch_size \(4\) must be a positive multiple"),
+        (dict(eval_batch_size=10, eval_repeats=4), r"eval_batch_size \(10\) must be a positive multiple"),
+        (dict(group_size=2, batch_size=40), "cannot fill one batch of 20 prompts"),
+    ],
+)
+def test_datamodule_rejects_bad_values(tmp_path, kwargs, message):
+    train = _write(tmp_path, "t.txt", [f"prompt {i}" for i in range(12)])
+    with pytest.raises(ValueError, match=message):
+        PromptDataModule(train_file=train, **kwargs)
+
+
+def test_eval_split_is_disjoint_and_deterministic(tmp_path):
+    train = _write(tmp_path, "t.txt", [f"prompt {i}" for i in range(20)])
+    a = PromptDataModule(train_file=train, group_size=2, batch_size=4, eval_fraction=0.25)
+    b = PromptDataModule(train_file=train, group_size=2, batch_size=4, eval_fraction=0.25)
+    assert len(a.eval_records) == 5 and len(a.train_records) == 15
+    assert a.eval_records == b.eval_records
+    assert not {r["prompt"] for r in a.eval_records} & {r["prompt"] for r in a.train_records}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_groups_never_split_across_ranks(tmp_path, world):
+    """Lightning shards the prompt dataset with a DistributedSampler; every group must land whole on one rank."""
+    train = _write(tmp_path, "t.txt", [f"prompt {i}" for i in range(24)])
+    dm = PromptDataModule(train_file=train, group_size=4, batch_size=8)
+    loader = dm.train_dataloader()
+    seen = {}
+    for rank in range(world):
+        sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=True, seed=0)
+        dist_loader = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+                                 collate_fn=loader.collate_fn, drop_last=True)
+        for batch in dist_loader:
+            ids, counts = torch.unique(batch["group_ids"], return_counts=True)
+            assert (counts == 4).all()
+            assert len(batch["prompts"]) == 8
+            for gid in ids.tolist():
+                assert seen.setdefault(gid, rank) == rank  # no group on two ranks
+            prompts = {p for p, g in zip(batch["prompts"], batch["group_ids"].tolist())}
+            assert len(prompts) == len(ids)  # one prompt per group id
+    # each rank gets 24 // world prompts and drops its incomplete last batch of 2 prompts
+    assert len(seen) == world * (24 // world // 2 * 2)
+
+
+def test_val_loader_repeats(tmp_path):
+    train = _write(tmp_path, "t.txt", [f"prompt {i}" for i in range(8)])
+    ev = _write(tmp_path, "e.txt", ["e0", "e1", "e2"])
+    dm = PromptDataModule(train_file=train, eval_file=ev, group_size=2, batch_size=4, eval_batch_size=4, eval_repeats=2)
+    batches = list(dm.val_dataloader())
+    assert [b["prompts"] for b in batches] == [["e0", "e0", "e1", "e1"], ["e2", "e2"]]
+    assert batches[1]["sample_ids"].tolist() == [4, 5]
+
+
+def test_parse_digit():
+    assert parse_digit("a handwritten digit 7") == 7
+    assert parse_digit("The number Seven") == 7
+    assert parse_digit("a 3, the digit three") == 3
+    for bad in ("a cat", "digits 1 and 2", "a 17"):
+        with pytest.raises(ValueError, match="exactly one digit"):
+            parse_digit(bad)

@@ -1,0 +1,73 @@
+"""GRPO losses and advantages against hand-computed values and torch.distributions."""
+
+import math
+
+import pytest
+import torch
+
+from precise_lightning.modules.losses import group_advantages, grpo_guard_log_ratio, kl_to_reference, ppo_policy_loss
+
+
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 4.0])
+    groups = torch.tensor([7, 7, 3, 3, 9, 9])
+    adv = group_advantages(rewards, groups, eps=1e-4)
+    # group 7: mean 2, pop. std 1 -> -+1/1.0001; group 3: zero std -> 0 (no signal); group 9: mean 2, std 2
+    a, b = 1 / 1.0001, 2 / 2.0001
+    torch.testing.assert_close(adv, torch.tensor([-a, a, 0.0, 0.0, -b, b]))
+
+
+def test_group_advantages_interleaved_groups_and_eps():
+    rewards = torch.tensor([1.0, 10.0, 3.0, 20.0])
+    groups = torch.tensor([0, 1, 0, 1])
+    adv = group_advantages(rewards, groups, eps=1e-4)
+    torch.testing.assert_close(adv, torch.tensor([-1 / 1.0001, -5 / 5.0001, 1 / 1.0001, 5 / 5.0001]))
+
+
+def test_global_std_and_clipping():
+    rewards = torch.tensor([1.0, 5.0, 3.0, 3.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    # global: mean 3, deviations -2, 2, 0, 0 -> population std sqrt(8 / 4) = sqrt 2
+    adv = group_advantages(rewards, groups, std_scope="global", eps=0.0)
+    torch.testing.assert_close(adv, torch.tensor([-math.sqrt(2), math.sqrt(2), 0.0, 0.0]))
+    adv = group_advantages(rewards, groups, std_scope="global", eps=0.0, global_std=torch.tensor(0.1))
+    torch.testing.assert_close(adv, torch.tensor([-5.0, 5.0, 0.0, 0.0]))  # +-20 clipped to +-5
+    adv = group_advantages(rewards, groups, clip=0.5, eps=1e-4)
+    torch.testing.assert_close(adv, torch.tensor([-0.5, 0.5, 0.0, 0.0]))  # +-2/2.0001 clipped to +-0.5
+    with pytest.raises(ValueError, match="std_scope must be"):
+        group_advantages(rewards, groups, std_scope="batch")
+
+
+def test_ppo_loss_hand_computed():
+    # ratios e^0.2, e^-0.2, e^0.05, 1 with clip 0.1
+    log_ratio = torch.tensor([0.2, -0.2, 0.05, 0.0], requires_grad=True)
+    adv = torch.tensor([1.0, 1.0, -2.0, 3.0])
+    out = ppo_policy_loss(log_ratio, adv, clip_range=0.1)
+    r = [math.exp(0.2), math.exp(-0.2), math.exp(0.05), 1.0]
+    # per sample: max(-A r, -A clip(r)): [-1.1, -e^-0.2, 2 e^0.05, -3]
+    expected = (-1.1 - r[1] + 2 * r[2] - 3.0) / 4
+    assert math.isclose(float(out.loss.detach()), expected, rel_tol=1e-6)
+    assert float(out.clip_fraction) == 0.5  # |r - 1| > 0.1 for the first two
+    assert math.isclose(float(out.approx_kl), 0.5 * (0.04 + 0.04 + 0.0025) / 4, rel_tol=1e-6)
+    out.loss.backward()
+    # clipped sample 0 has zero gradient; sample 1 (A > 0, r < 1-eps) keeps the unclipped gradient -A r / 4
+    torch.testing.assert_close(log_ratio.grad, torch.tensor([0.0, -r[1] / 4, 2 * r[2] / 4, -3.0 / 4]))
+
+
+def test_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mean, mean_ref = torch.randn(3, 2, 4, generator=g), torch.randn(3, 2, 4, generator=g)
+    std = torch.tensor(0.3)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std), torch.distributions.Normal(mean_ref, std))
+    torch.testing.assert_close(kl_to_reference(mean, mean_ref, std), ref.mean(dim=(1, 2)))
+
+
+def test_grpo_guard_ratio():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 5, generator=g)
+    lp = torch.randn(3, generator=g)
+    std = torch.tensor(0.2)
+    assert torch.equal(grpo_guard_log_ratio(lp, lp, mean, mean, std), torch.zeros(3))
+    shifted = mean + 0.1
+    expected = (lp - (lp - 1.0) + 0.1**2 / (2 * 0.04)) * 0.2
+    torch.testing.assert_close(grpo_guard_log_ratio(lp, lp - 1.0, shifted, mean, std), expected)

@@ -1,0 +1,169 @@
+"""End to end: the demo config through the CLI, the ratio invariant, checkpoints with EMA, config errors."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import cli
+from precise_lightning.callbacks import RewardScorer
+from precise_lightning.modules import DigitsPolicy, GRPOModule
+from precise_lightning.sampling import Sampler
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _small_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PRECISE_LIGHTNING_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _tiny(tmp_path, *extra):
+    """The demo config, shrunk: a small base model, few steps, logs under tmp_path."""
+    return [
+        "--config", "configs/digits_precise.yaml",
+        "--model.policy.init_args.hidden", "64",
+        "--model.policy.init_args.pretrain_steps", "30",
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.max_steps", "8",
+        "--trainer.val_check_interval", "3",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--data.batch_size", "32",
+        "--data.eval_batch_size", "16",
+        "--data.eval_repeats", "2",
+        "--model.micro_batch_size", "16",
+        *extra,
+    ]
+
+
+def _scalars(log_dir: Path) -> dict[str, list[float]]:
+    (version,) = list(log_dir.glob("*/version_*"))
+    acc = EventAccumulator(str(version))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc.Tags()["images"]
+
+
+def test_demo_fit_changes_weights_and_logs_finite_scalars(tmp_path):
+    run = cli.main(_tiny(tmp_path, "--trainer.default_root_dir", str(tmp_path)), run=False)
+    before = {n: p.detach().clone() for n, p in run.model.policy.named_trainable_parameters()}
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    after = dict(run.model.policy.named_trainable_parameters())
+    assert run.trainer.global_step == 8
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    scalars, images = _scalars(tmp_path)
+    for tag in ["train/reward", "train/reward/digit", "train/kl", "train/clip_fraction", "train/approx_kl",
+                "train/ratio_mean", "train/ratio_min", "train/ratio_max", "train/grad_norm", "time/rollout_s",
+                "time/reward_s", "time/update_s", "eval/reward", "eval/reward/digit", "ema/decay"]:
+        assert tag in scalars, tag
+    for tag, values in scalars.items():
+        assert all(math.isfinite(v) for v in values), tag
+    assert scalars["train/ratio_drift_first"] == [0.0] * 4  # ratio exactly 1 before each rollout's first update
+    assert "eval/samples" in images
+    run.trainer.save_checkpoint(tmp_path / "final.ckpt")
+    state = torch.load(tmp_path / "final.ckpt", map_location="cpu", weights_only=False)
+    ema_state = next(v for k, v in state["callbacks"].items() if k.startswith("EMA"))
+    assert set(ema_state["shadow"]) == set(before) and ema_state["num_updates"] == 1  # at step 8
+
+
+def _module(tmp_path, **kwargs) -> GRPOModule:
+    policy = DigitsPolicy(hidden=32, pretrain_steps=5, lora_rank=kwargs.pop("lora_rank", 0),
+                          lora_targets=kwargs.pop("lora_targets", None))
+    return GRPOModule(policy, sampler=kwargs.pop("sampler", Sampler("precise", num_steps=5)), **kwargs)
+
+
+@pytest.mark.parametrize("ratio_norm", [False, True])
+@pytest.mark.parametrize("rule", ["precise", "flow_sde", "cps"])
+def test_ratio_is_exactly_one_at_first_inner_step(tmp_path, rule, ratio_norm):
+    module = _module(tmp_path, sampler=Sampler(rule, num_steps=5), micro_batch_size=3, ratio_norm=ratio_norm, beta=0.1)
+    prompts = [f"a handwritten digit {i % 10}" for i in range(9)]
+    cond = module.policy.encode(prompts)
+    slices = module._micro_slices(9)
+    noise = torch.randn(9, 1, 8, 8)
+    trajectories, images = module.rollout(cond, noise, slices, torch.Generator().manual_seed(0))
+    assert images.shape == (9, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
+    for m, s in enumerate(slices):
+        for i in trajectories[m].sde_steps:
+            out = module._step_loss(trajectories[m], cond[s], torch.ones(3), i, *module.sampler.timesteps[i : i + 2].tolist())
+            assert out["ratio_max_dev"] == 0.0 and out["approx_kl"] == 0.0
+            assert out["kl"] == 0.0  # policy == reference before training
+            out["loss"].backward()
+
+
+def test_lora_policy_trains_adapters_only_and_reference_disables_them(tmp_path):
+    module = _module(tmp_path, lora_rank=4, lora_targets=["inp", "mid1", "mid2", "out"], beta=0.1)
+    names = [n for n, _ in module.policy.named_trainable_parameters()]
+    assert names and all("lora_" in n for n in names)
+    assert module.policy.reference_denoiser is None  # no copy: adapters off is the reference
+    with torch.no_grad():
+        for p in module.policy.trainable_parameters():
+            p.add_(0.5)
+    x, t, cond = torch.randn(2, 1, 8, 8), torch.tensor(0.5), module.policy.encode(["1", "2"])
+    v = module.policy.velocity(x, t, cond)
+    with module.policy.reference():
+        v_ref = module.policy.velocity(x, t, cond)
+    base = module.policy.denoiser.get_base_model()
+    with module.policy.denoiser.disable_adapter():
+        torch.testing.assert_close(v_ref, base(x, t, cond))
+    assert not torch.allclose(v, v_ref)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config):
+    run = cli.main(["--config", str(config), "--model.policy.init_args.pretrain_steps", "5",
+                    "--model.policy.init_args.hidden", "32"], run=False)
+    assert isinstance(run.model, GRPOModule)
+    assert any(isinstance(cb, RewardScorer) for cb in run.trainer.callbacks)
+
+
+def test_sampler_swapped_from_command_line(tmp_path):
+    run = cli.main(_tiny(tmp_path, "--model.sampler.init_args.eta", "1.0"), run=False)
+    assert run.model.sampler.eta == 1.0 and run.model.sampler.rule == "precise"
+    run = cli.main(_tiny(tmp_path, "--model.sampler.init_args.rule", "flow_sde", "--model.sampler.init_args.eta", "0.7"),
+                   run=False)
+    assert run.model.sampler.rule == "flow_sde"
+
+
+def test_print_config_is_complete_and_runnable(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", *_tiny(tmp_path), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for key in ("class_path: precise_lightning.sampling.Sampler", "rule: precise", "group_size: 8", "clip_range"):
+        assert key in printed
+    config = tmp_path / "full.yaml"
+    config.write_text(printed)
+    run = cli.main(["fit", "--config", str(config), "--trainer.max_steps", "2"])
+    assert run.trainer.global_step == 2 and run.model.sampler.rule == "precise"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--model.sampler.init_args.rule", "euler"], r"unknown step rule 'euler'; choose one of \['cps'"),
+        (["--model.sampler.init_args.rule", "ode"], "the training sampler must be stochastic"),
+        (["--data.group_size", "1"], "group_size must be >= 2"),
+        (["--data.batch_size", "30"], r"batch_size \(30\) must be a positive multiple of group_size \(8\): e.g. 32"),
+        (["--data.train_file", "missing.txt"], "prompt file 'missing.txt' does not exist"),
+        (["--model.clip_range", "0"], "clip_range must be > 0"),
+    ],
+)
+def test_bad_configs_fail_with_a_message(tmp_path, extra, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        cli.main(_tiny(tmp_path, *extra), run=False)
+
+
+def test_micro_batches_must_split_evenly(tmp_path):
+    run = cli.main(_tiny(tmp_path, "--model.micro_batch_size", "12"), run=False)
+    with pytest.raises(ValueError, match=r"data.batch_size \(32\) must split into micro-batches of 12"):
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+
+
+def test_missing_reward_scorer_is_explained(tmp_path):
+    run = cli.main(_tiny(tmp_path, "--trainer.callbacks", "[]"), run=False)
+    with pytest.raises(ValueError, match="GRPO needs exactly one RewardScorer"):
+        run.trainer.fit(run.model, datamodule=run.datamodule)
