@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cli
-from precise_lightning.callbacks import RewardScorer
+from precise_lightning.callbacks import EMA, RewardScorer
 from precise_lightning.modules import DigitsPolicy, GRPOModule
 from precise_lightning.sampling import Sampler
 
@@ -68,6 +68,13 @@ def test_demo_fit_changes_weights_and_logs_finite_scalars(tmp_path):
     state = torch.load(tmp_path / "final.ckpt", map_location="cpu", weights_only=False)
     ema_state = next(v for k, v in state["callbacks"].items() if k.startswith("EMA"))
     assert set(ema_state["shadow"]) == set(before) and ema_state["num_updates"] == 1  # at step 8
+    # `validate --ckpt_path` restores the EMA and evaluates with it
+    again = cli.main(_tiny(tmp_path / "validate"), run=False)
+    ema = next(cb for cb in again.trainer.callbacks if isinstance(cb, EMA))
+    again.trainer.validate(again.model, datamodule=again.datamodule, ckpt_path=tmp_path / "final.ckpt", verbose=False)
+    assert ema.num_updates == 1
+    for name, value in ema.shadow.items():  # swapped back after evaluation: shadow holds the EMA again
+        torch.testing.assert_close(value, ema_state["shadow"][name])
 
 
 def _module(tmp_path, **kwargs) -> GRPOModule:

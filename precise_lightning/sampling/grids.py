@@ -71,25 +71,28 @@ class TimeGrid:
         raise NotImplementedError
 
 
-class LinearGrid(TimeGrid):
-    """Uniform grid in t, optionally shifted (shift 1 = plain linspace)."""
-
-    def __init__(self, shift: float = 1.0) -> None:
+class _ShiftedGrid(TimeGrid):
+    def __init__(self, shift: float) -> None:
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         self.shift = shift
+
+
+class LinearGrid(_ShiftedGrid):
+    """Uniform grid in t, optionally shifted (shift 1 = plain linspace)."""
+
+    def __init__(self, shift: float = 1.0) -> None:
+        super().__init__(shift)
 
     def __call__(self, num_steps: int) -> Tensor:
         return shifted_linspace(num_steps, self.shift)
 
 
-class SD3Grid(TimeGrid):
+class SD3Grid(_ShiftedGrid):
     """Stable Diffusion 3 / 3.5 scheduler grid (shift 3 for SD3.5 Medium)."""
 
     def __init__(self, shift: float = 3.0) -> None:
-        if shift <= 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
-        self.shift = shift
+        super().__init__(shift)
 
     def __call__(self, num_steps: int) -> Tensor:
         return sd3_timesteps(num_steps, self.shift)
