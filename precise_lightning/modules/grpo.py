@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import torch
@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
@@ -185,11 +186,13 @@ class GRPOModule(LightningModule):
         for _ in range(hp.inner_epochs):
             for group in groups:
                 scale = 1.0 / (len(group) * len(steps))
+                last = (group[-1], steps[-1])
                 for m in group:
                     traj, cond_m, adv = trajectories[m], slice_cond(cond, slices[m]), advantages[slices[m]]
                     for i in steps:
                         out = self._step_loss(traj, cond_m, adv, i, float(times[i]), float(times[i + 1]))
-                        self.manual_backward(out.pop("loss") * scale)
+                        with self._grad_sync((m, i) == last):
+                            self.manual_backward(out.pop("loss") * scale)
                         for key, value in out.items():
                             stats[key].append(value)
                         if first_update:
@@ -201,6 +204,11 @@ class GRPOModule(LightningModule):
                 opt.zero_grad(set_to_none=True)
                 first_update = False
         return stats
+
+    def _grad_sync(self, sync: bool):
+        """All-reduce gradients only on an accumulation group's last backward (Lightning syncs every manual one)."""
+        model = self.trainer.model
+        return model.no_sync() if not sync and isinstance(model, DistributedDataParallel) else nullcontext()
 
     def _step_loss(
         self, traj: Trajectory, cond: Any, advantages: Tensor, i: int, t: float, t_next: float
