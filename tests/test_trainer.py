@@ -174,3 +174,26 @@ def test_missing_reward_scorer_is_explained(tmp_path):
     run = cli.main(_tiny(tmp_path, "--trainer.callbacks", "[]"), run=False)
     with pytest.raises(ValueError, match="GRPO needs exactly one RewardScorer"):
         run.trainer.fit(run.model, datamodule=run.datamodule)
+
+
+def test_lora_fit_with_kl_and_ratio_norm(tmp_path):
+    run = cli.main(_tiny(tmp_path, "--model.beta", "0.05", "--model.ratio_norm", "true", "--model.inner_epochs", "2",
+                         "--model.policy.init_args.lora_rank", "4",
+                         "--model.policy.init_args.lora_targets", "[inp, mid1, mid2, out]"), run=False)
+    before = {n: p.detach().clone() for n, p in run.model.policy.named_trainable_parameters()}
+    frozen = {n: p.detach().clone() for n, p in run.model.policy.named_parameters() if not p.requires_grad}
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    params = dict(run.model.policy.named_parameters())
+    assert all("lora_" in n for n in before) and any(not torch.equal(before[n], params[n]) for n in before)
+    assert all(torch.equal(frozen[n], params[n]) for n in frozen)  # base weights untouched
+    metrics = run.trainer.callback_metrics
+    assert metrics["train/kl"] > 0 and math.isfinite(metrics["train/kl"])  # adapters moved away from the reference
+    assert metrics["train/ratio_drift_first"] == 0
+
+
+def test_train_fraction_picks_a_sorted_random_subset(tmp_path):
+    module = _module(tmp_path, sampler=Sampler("precise", num_steps=10), train_fraction=0.5)
+    picks = [module.trained_steps(list(range(9))) for _ in range(20)]
+    assert all(len(p) == 5 and p == sorted(p) and set(p) <= set(range(9)) for p in picks)
+    assert len({tuple(p) for p in picks}) > 1
+    assert _module(tmp_path).trained_steps([0, 1, 2]) == [0, 1, 2]

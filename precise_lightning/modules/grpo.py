@@ -99,22 +99,22 @@ class GRPOModule(LightningModule):
         names = ["reward"] + [f"reward/{name}" for name in self.scorer.rewards]
         self.eval_metrics = nn.ModuleDict({n.replace("/", "_"): MeanMetric() for n in names})
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
-        micro = self.hparams.micro_batch_size
-        if stage == "fit" and batch_size and micro:
-            chunks = batch_size // micro
-            if batch_size % micro or chunks % self.hparams.updates_per_rollout:
-                raise ValueError(
-                    f"data.batch_size ({batch_size}) must split into micro-batches of {micro} whose number is a "
-                    f"multiple of updates_per_rollout ({self.hparams.updates_per_rollout})"
-                )
+        if stage == "fit" and batch_size:
+            self._micro_slices(batch_size)  # fail before the first rollout, not inside it
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(self.policy.trainable_parameters())
 
     # ---- rollout ----------------------------------------------------------------------------------------------
     def _micro_slices(self, batch_size: int) -> list[slice]:
-        micro = self.hparams.micro_batch_size or batch_size
-        return [slice(i, min(i + micro, batch_size)) for i in range(0, batch_size, micro)]
+        """Equal micro-batches (equal loss weights per sample), a whole number per optimizer step."""
+        micro, updates = self.hparams.micro_batch_size or batch_size, self.hparams.updates_per_rollout
+        if batch_size % micro or (batch_size // micro) % updates:
+            raise ValueError(
+                f"data.batch_size ({batch_size}) must split into micro-batches of {micro} (model.micro_batch_size) "
+                f"whose number is a multiple of model.updates_per_rollout ({updates})"
+            )
+        return [slice(i, i + micro) for i in range(0, batch_size, micro)]
 
     @torch.no_grad()
     def rollout(self, cond: Any, noise: Tensor, slices: list[slice], generator: torch.Generator | None):
@@ -173,11 +173,6 @@ class GRPOModule(LightningModule):
         hp = self.hparams
         opt = self.optimizers()
         steps = self.trained_steps(trajectories[0].sde_steps)
-        if len(slices) % hp.updates_per_rollout:
-            raise ValueError(
-                f"{len(slices)} micro-batches cannot be split into updates_per_rollout={hp.updates_per_rollout} "
-                "equal accumulation groups: adjust micro_batch_size or updates_per_rollout"
-            )
         per_update = len(slices) // hp.updates_per_rollout
         groups = [range(g * per_update, (g + 1) * per_update) for g in range(hp.updates_per_rollout)]
         times = self.sampler.timesteps
