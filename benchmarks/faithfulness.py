@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from precise_lightning.sampling import DEFAULT_ETA, LinearGrid, SD3Grid, Sampler, TimeGrid
+from precise_lightning.sampling import DEFAULT_ETA, LinearGrid, Sampler, SD3Grid, TimeGrid
 
 RADII = (1.0, 2.0)
 POINTS_PER_RING = 12

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from precise_lightning.data import PromptDataModule, read_prompts
 from precise_lightning.data.digits import parse_digit
-from precise_lightning.data.prompts import GroupCollate, PromptDataset
+from precise_lightning.data.prompts import GroupCollate
 
 
 def _write(tmp_path, name, lines):

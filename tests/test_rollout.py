@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from precise_lightning.sampling import LinearGrid, RULES, SD3Grid, Sampler, rollout, seeded_generators, transition
+from precise_lightning.sampling import RULES, LinearGrid, Sampler, SD3Grid, rollout, seeded_generators, transition
 
 STOCHASTIC = sorted(set(RULES) - {"ode"})
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -22,7 +23,7 @@ from precise_lightning.modules.policy import Policy, slice_cond
 from precise_lightning.sampling import Sampler, Trajectory, velocity_gain
 
 # Extremes, not means, are what matter for these diagnostics (ratio_drift_first must be exactly 0).
-_REDUCE = {"ratio_max": max, "ratio_max_dev": max, "ratio_drift_first": max, "ratio_min": min}
+_REDUCE = {"ratio_max": torch.amax, "ratio_max_dev": torch.amax, "ratio_drift_first": torch.amax, "ratio_min": torch.amin}
 
 
 class GRPOModule(LightningModule):
@@ -117,14 +118,16 @@ class GRPOModule(LightningModule):
         return [slice(i, i + micro) for i in range(0, batch_size, micro)]
 
     @torch.no_grad()
-    def rollout(self, cond: Any, noise: Tensor, slices: list[slice], generator: torch.Generator | None):
+    def rollout(
+        self, cond: Any, noise: Tensor, slices: list[slice], generator: torch.Generator | None
+    ) -> tuple[list[Trajectory], Tensor]:
         """Trajectories per micro-batch (the same split the update uses) and the decoded images [B, C, H, W]."""
         trajectories = []
         for s in slices:
             cond_s = slice_cond(cond, s)
             trajectories.append(
                 self.sampler.sample(
-                    lambda x, t: self.policy.velocity(x, t, cond_s),
+                    lambda x, t, cond_s=cond_s: self.policy.velocity(x, t, cond_s),
                     noise[s],
                     generator=generator,
                     keep_means=self.hparams.ratio_norm,
@@ -168,15 +171,18 @@ class GRPOModule(LightningModule):
 
     def update(
         self, trajectories: list[Trajectory], cond: Any, slices: list[slice], advantages: Tensor
-    ) -> dict[str, list[float]]:
-        """PPO updates over the stored rollout; backward per (micro-batch, step) to bound memory."""
+    ) -> dict[str, list[Tensor]]:
+        """PPO updates over the stored rollout; backward per (micro-batch, step) to bound memory.
+
+        Diagnostics stay detached tensors (no host sync per backward) and are reduced once when logged.
+        """
         hp = self.hparams
         opt = self.optimizers()
         steps = self.trained_steps(trajectories[0].sde_steps)
         per_update = len(slices) // hp.updates_per_rollout
         groups = [range(g * per_update, (g + 1) * per_update) for g in range(hp.updates_per_rollout)]
         times = self.sampler.timesteps
-        stats: dict[str, list[float]] = defaultdict(list)
+        stats: dict[str, list[Tensor]] = defaultdict(list)
         first_update = True
         for _ in range(hp.inner_epochs):
             for group in groups:
@@ -192,7 +198,7 @@ class GRPOModule(LightningModule):
                             stats[key].append(value)
                         if first_update:
                             stats["ratio_drift_first"].append(out["ratio_max_dev"])
-                stats["grad_norm"].append(float(grad_norm(self.policy, norm_type=2).get("grad_2.0_norm_total", 0.0)))
+                stats["grad_norm"].append(grad_norm(self.policy, norm_type=2)["grad_2.0_norm_total"])
                 if hp.max_grad_norm is not None:
                     self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
@@ -200,7 +206,7 @@ class GRPOModule(LightningModule):
                 first_update = False
         return stats
 
-    def _grad_sync(self, sync: bool):
+    def _grad_sync(self, sync: bool) -> Any:
         """All-reduce gradients only on an accumulation group's last backward (Lightning syncs every manual one)."""
         model = self.trainer.model
         return model.no_sync() if not sync and isinstance(model, DistributedDataParallel) else nullcontext()
@@ -231,14 +237,14 @@ class GRPOModule(LightningModule):
             loss = loss + hp.beta * kl
         return {
             "loss": loss,
-            "policy_loss": float(ppo.loss.detach()),
-            "kl": float(kl.detach()),
-            "clip_fraction": float(ppo.clip_fraction),
-            "approx_kl": float(ppo.approx_kl),
-            "ratio_mean": float(ppo.ratio.mean()),
-            "ratio_min": float(ppo.ratio.min()),
-            "ratio_max": float(ppo.ratio.max()),
-            "ratio_max_dev": float((ppo.ratio - 1).abs().max()),
+            "policy_loss": ppo.loss.detach(),
+            "kl": kl.detach(),
+            "clip_fraction": ppo.clip_fraction,
+            "approx_kl": ppo.approx_kl,
+            "ratio_mean": ppo.ratio.mean(),
+            "ratio_min": ppo.ratio.min(),
+            "ratio_max": ppo.ratio.max(),
+            "ratio_max_dev": (ppo.ratio - 1).abs().max(),
         }
 
     # ---- evaluation -------------------------------------------------------------------------------------------
@@ -274,7 +280,9 @@ class GRPOModule(LightningModule):
         sync()
         self.log(f"time/{name}_s", time.perf_counter() - start, on_step=True)
 
-    def _log_train(self, rewards: Tensor, components: dict[str, Tensor], advantages: Tensor, stats: dict) -> None:
+    def _log_train(
+        self, rewards: Tensor, components: dict[str, Tensor], advantages: Tensor, stats: dict[str, list[Tensor]]
+    ) -> None:
         batch_size = len(rewards)
         log = dict(on_step=True, batch_size=batch_size)
         self.log("train/reward", rewards.mean(), prog_bar=True, sync_dist=True, **log)
@@ -284,5 +292,4 @@ class GRPOModule(LightningModule):
             self.log(f"train/reward/{name}_std", value.std(unbiased=False), **log)
         self.log("train/zero_advantage_fraction", (advantages == 0).float().mean(), **log)
         for key, values in stats.items():
-            reduce = _REDUCE.get(key, lambda v: sum(v) / len(v))
-            self.log(f"train/{key}", float(reduce(values)), **log)
+            self.log(f"train/{key}", _REDUCE.get(key, torch.mean)(torch.stack(values).float()), **log)

@@ -6,8 +6,8 @@ the same batch gives exactly the log-prob it was sampled with (importance ratio 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor

@@ -8,7 +8,7 @@ are already tensors broadcastable against ``x`` (see :func:`transition`, which p
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
