@@ -113,3 +113,21 @@ def test_parse_digit():
     for bad in ("a cat", "digits 1 and 2", "a 17"):
         with pytest.raises(ValueError, match="exactly one digit"):
             parse_digit(bad)
+
+
+def test_cached_models_leave_the_global_rng_alone(tmp_path, monkeypatch):
+    """A run must not depend on whether the base model was trained in-process or loaded from the cache."""
+    from precise_lightning.modules import DigitsPolicy
+    from precise_lightning.rewards import DigitClassifierReward
+
+    monkeypatch.setenv("PRECISE_LIGHTNING_CACHE", str(tmp_path))
+    draws = []
+    for _ in range(2):  # first pass trains and caches, second loads
+        torch.manual_seed(123)
+        policy = DigitsPolicy(hidden=16, pretrain_steps=3)
+        DigitClassifierReward(epochs=1)
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[1])
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), draws[0])  # and it is the state the caller left
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and policy.latent_shape == (1, 8, 8)

@@ -6,7 +6,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +40,14 @@ def load_digits() -> tuple[Tensor, Tensor]:
 
 def cache_dir(path: str | None) -> Path:
     return Path(path or os.environ.get("PRECISE_LIGHTNING_CACHE", "~/.cache/precise_lightning")).expanduser()
+
+
+@contextmanager
+def isolated_rng(seed: int) -> Iterator[None]:
+    """Seed torch's CPU RNG inside the block and restore it after: a cache hit or miss leaves training alike."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def cached_state_dict(directory: str | None, name: str, config: dict, train: Callable[[], dict]) -> dict:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from precise_lightning.data.digits import cached_state_dict, digit_labels, load_digits
+from precise_lightning.data.digits import cached_state_dict, digit_labels, isolated_rng, load_digits
 from precise_lightning.modules.policy import Policy
 
 
@@ -47,7 +47,6 @@ class DigitsFlowNet(nn.Module):
 def pretrain_flow(net: DigitsFlowNet, steps: int, label_noise: float, seed: int, batch: int = 256) -> dict:
     """Conditional flow matching (x_t = (1-t) x0 + t eps, target eps - x0) on the digits, with label noise."""
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     images, labels = load_digits()
     data = images * 2 - 1
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
@@ -94,11 +93,11 @@ class DigitsPolicy(Policy):
         super().__init__(lora_rank, lora_alpha, lora_targets)
         if not 0 <= label_noise <= 1:
             raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
-        net = DigitsFlowNet(hidden)
-        config = dict(hidden=hidden, label_noise=label_noise, steps=pretrain_steps, seed=seed, version=1)
-        net.load_state_dict(
-            cached_state_dict(cache_dir, "digits-flow", config, lambda: pretrain_flow(net, pretrain_steps, label_noise, seed))
-        )
+        config = dict(hidden=hidden, label_noise=label_noise, steps=pretrain_steps, seed=seed, version=2)
+        with isolated_rng(seed):
+            net = DigitsFlowNet(hidden)
+            pretrain = lambda: pretrain_flow(net, pretrain_steps, label_noise, seed)  # noqa: E731
+            net.load_state_dict(cached_state_dict(cache_dir, "digits-flow", config, pretrain))
         self.attach_denoiser(net)
 
     def encode(self, prompts: list[str]) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from precise_lightning.data.digits import cached_state_dict, digit_labels, load_digits
+from precise_lightning.data.digits import cached_state_dict, digit_labels, isolated_rng, load_digits
 
 
 def make_classifier() -> nn.Sequential:
@@ -15,7 +15,6 @@ def make_classifier() -> nn.Sequential:
 def train_classifier(net: nn.Module, epochs: int, seed: int) -> dict:
     """Cross-entropy on all digits with light pixel noise, so off-manifold samples are not scored by accident."""
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     images, labels = load_digits()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     for _ in range(epochs):
@@ -33,11 +32,11 @@ class DigitClassifierReward(nn.Module):
 
     def __init__(self, epochs: int = 40, seed: int = 0, cache_dir: str | None = None) -> None:
         super().__init__()
-        self.net = make_classifier()
-        config = dict(epochs=epochs, seed=seed, version=1)
-        self.net.load_state_dict(
-            cached_state_dict(cache_dir, "digits-classifier", config, lambda: train_classifier(self.net, epochs, seed))
-        )
+        config = dict(epochs=epochs, seed=seed, version=2)
+        with isolated_rng(seed):
+            self.net = make_classifier()
+            train = lambda: train_classifier(self.net, epochs, seed)  # noqa: E731
+            self.net.load_state_dict(cached_state_dict(cache_dir, "digits-classifier", config, train))
         self.net.eval().requires_grad_(False)
 
     @torch.no_grad()
