@@ -197,3 +197,28 @@ def test_train_fraction_picks_a_sorted_random_subset(tmp_path):
     assert all(len(p) == 5 and p == sorted(p) and set(p) <= set(range(9)) for p in picks)
     assert len({tuple(p) for p in picks}) > 1
     assert _module(tmp_path).trained_steps([0, 1, 2]) == [0, 1, 2]
+
+
+def test_stacked_configs_override_in_order(tmp_path):
+    override = tmp_path / "flow_grpo.yaml"
+    override.write_text(
+        "model:\n  sampler:\n    class_path: precise_lightning.sampling.Sampler\n"
+        "    init_args: {rule: flow_sde, eta: 0.7, sde_window: [1, 4]}\n  beta: 0.01\n"
+    )
+    run = cli.main(_tiny(tmp_path, "--config", str(override), "--model.beta", "0.02"), run=False)
+    assert (run.model.sampler.rule, run.model.sampler.eta, run.model.sampler.sde_steps) == ("flow_sde", 0.7, [1, 2, 3])
+    assert run.model.hparams.beta == 0.02  # the command line wins over both files
+    assert run.model.sampler.num_steps == 10  # untouched keys keep the first file's value
+
+
+def test_resume_from_checkpoint_continues_where_it_stopped(tmp_path):
+    first = cli.main(_tiny(tmp_path / "a", "--trainer.max_steps", "4"), run=False)
+    first.trainer.fit(first.model, datamodule=first.datamodule)
+    first.trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed = cli.main(_tiny(tmp_path / "b", "--trainer.max_steps", "10"), run=False)
+    ema = next(cb for cb in resumed.trainer.callbacks if isinstance(cb, EMA))
+    resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=tmp_path / "mid.ckpt")
+    assert resumed.trainer.global_step == 10
+    assert ema.num_updates == 1  # crossed step 8 once after resuming at step 4; none before it
+    opt_state = resumed.trainer.optimizers[0].state_dict()["state"]
+    assert all(int(s["step"]) == 10 for s in opt_state.values())  # AdamW continued from its 4 restored steps

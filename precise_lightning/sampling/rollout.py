@@ -23,7 +23,7 @@ class StepOutput:
     x_next: Tensor  # [B, ...]
     mean: Tensor  # [B, ...]
     std: Tensor  # broadcastable to mean
-    log_prob: Tensor  # [B], float32 or wider
+    log_prob: Tensor  # [B] float32
 
 
 @dataclass

@@ -139,7 +139,10 @@ def velocity_gain(rule: str, t: float, t_next: float, eta: float | None = None) 
 def gaussian_log_prob(
     x_next: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "mean", std_floor: float = 1e-12
 ) -> Tensor:
-    """Log-density of ``x_next`` under N(mean, std^2 I), reduced over non-batch dims -> [B], in >= float32.
+    """Log-density of ``x_next`` under N(mean, std^2 I), reduced over non-batch dims -> [B] float32.
+
+    Computed in float32 or the inputs' wider precision (float64 stays float64 until the result), returned as
+    float32 as the reference implementations do, so bf16 models get full-precision log-probs and ratios.
 
     ``reduce="mean"`` matches Flow-GRPO / DanceGRPO (their PPO clip ranges are calibrated to it); ``"sum"`` is the
     exact joint log-density. ``std`` is floored at ``std_floor`` so a deterministic step yields a finite value.
@@ -152,6 +155,6 @@ def gaussian_log_prob(
     log_p = -((x_next - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * LOG_2PI
     log_p = log_p.expand_as(x_next)
     dims = tuple(range(1, log_p.ndim))
-    if not dims:  # x is [B]: nothing to reduce (torch would reduce over everything for dim=())
-        return log_p
-    return log_p.mean(dim=dims) if reduce == "mean" else log_p.sum(dim=dims)
+    if dims:  # for x of shape [B] there is nothing to reduce (torch would reduce everything for dim=())
+        log_p = log_p.mean(dim=dims) if reduce == "mean" else log_p.sum(dim=dims)
+    return log_p.float()
