@@ -7,6 +7,7 @@ probability ``label_noise``), so base samples follow the prompt only partly and 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +97,7 @@ class DigitsPolicy(Policy):
         config = dict(hidden=hidden, label_noise=label_noise, steps=pretrain_steps, seed=seed, version=2)
         with isolated_rng(seed):
             net = DigitsFlowNet(hidden)
-            pretrain = lambda: pretrain_flow(net, pretrain_steps, label_noise, seed)  # noqa: E731
+            pretrain = partial(pretrain_flow, net, pretrain_steps, label_noise, seed)
             net.load_state_dict(cached_state_dict(cache_dir, "digits-flow", config, pretrain))
         self.attach_denoiser(net)
 

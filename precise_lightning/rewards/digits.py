@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -35,7 +37,7 @@ class DigitClassifierReward(nn.Module):
         config = dict(epochs=epochs, seed=seed, version=2)
         with isolated_rng(seed):
             self.net = make_classifier()
-            train = lambda: train_classifier(self.net, epochs, seed)  # noqa: E731
+            train = partial(train_classifier, self.net, epochs, seed)
             self.net.load_state_dict(cached_state_dict(cache_dir, "digits-classifier", config, train))
         self.net.eval().requires_grad_(False)
 
