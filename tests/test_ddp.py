@@ -1,5 +1,6 @@
 """Two CPU processes under DDP: the real multi-rank path (sharded groups, gathered rewards, accumulated syncs)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ torch.save({{"params": params, "metrics": {{k: float(v) for k, v in run.trainer.
 def test_ddp_two_ranks_stay_in_sync(tmp_path):
     script = tmp_path / "fit_ddp.py"
     script.write_text(SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
-    env = {"PRECISE_LIGHTNING_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "PRECISE_LIGHTNING_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
