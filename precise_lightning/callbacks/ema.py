@@ -26,7 +26,6 @@ class EMA(Callback):
         self.shadow: dict[str, torch.Tensor] = {}
         self.num_updates = 0
         self._last_step = 0
-        self._backup: dict[str, torch.Tensor] | None = None
 
     def _params(self, pl_module: LightningModule) -> dict[str, torch.nn.Parameter]:
         return dict(pl_module.policy.named_trainable_parameters())

@@ -61,12 +61,11 @@ class GroupCollate:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         repeated = [item for item in items for _ in range(self.group_size)]
+        group_ids = torch.tensor([item["index"] for item in repeated], dtype=torch.long)
         return {
             "prompts": [item["prompt"] for item in repeated],
-            "group_ids": torch.tensor([item["index"] for item in repeated], dtype=torch.long),
-            "sample_ids": torch.tensor(
-                [item["index"] * self.group_size + r for item in items for r in range(self.group_size)]
-            ),
+            "group_ids": group_ids,
+            "sample_ids": group_ids * self.group_size + torch.arange(self.group_size).repeat(len(items)),
             "metadata": [{k: v for k, v in item.items() if k not in ("prompt", "index")} for item in repeated],
         }
 

@@ -92,13 +92,13 @@ class GRPOModule(LightningModule):
         if beta > 0:
             self.policy.enable_reference()
         self.scorer: RewardScorer | None = None
-        self.eval_metrics = nn.ModuleDict()
+        self.eval_reward = MeanMetric()
+        self.eval_components = nn.ModuleDict()  # one MeanMetric per reward component, made in setup
 
     # ---- set-up -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.scorer = find_reward_scorer(self.trainer)
-        names = ["reward"] + [f"reward/{name}" for name in self.scorer.rewards]
-        self.eval_metrics = nn.ModuleDict({n.replace("/", "_"): MeanMetric() for n in names})
+        self.eval_components = nn.ModuleDict({name: MeanMetric() for name in self.scorer.rewards})
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
         if stage == "fit" and batch_size:
             self._micro_slices(batch_size)  # fail before the first rollout, not inside it
@@ -260,14 +260,15 @@ class GRPOModule(LightningModule):
             traj = self.eval_sampler.sample(lambda x, t: self.policy.velocity(x, t, cond), noise, generator=generator)
             images = self.policy.decode(traj.latents[-1])
         rewards, components = self.scorer.score(images, prompts)
-        self.eval_metrics["reward"].update(rewards)
+        self.eval_reward.update(rewards)
         for name, value in components.items():
-            self.eval_metrics[f"reward_{name}"].update(value)
+            self.eval_components[name].update(value)
         return {"images": images, "prompts": prompts, "rewards": rewards}
 
     def on_validation_epoch_end(self) -> None:
-        for key, metric in self.eval_metrics.items():
-            self.log(f"eval/{key.replace('_', '/', 1)}", metric.compute(), prog_bar=key == "reward", sync_dist=False)
+        metrics = {"eval/reward": self.eval_reward} | {f"eval/reward/{n}": m for n, m in self.eval_components.items()}
+        for name, metric in metrics.items():
+            self.log(name, metric.compute(), prog_bar=name == "eval/reward")
             metric.reset()
 
     # ---- logging ----------------------------------------------------------------------------------------------

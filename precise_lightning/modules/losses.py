@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from precise_lightning.sampling.rules import reduce_elements
+
 
 def group_advantages(
     rewards: Tensor, group_ids: Tensor, std_scope: str = "group", clip: float = 5.0, eps: float = 1e-4,
@@ -43,9 +45,7 @@ class PolicyLossOutput:
 
 def kl_to_reference(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
     """Per-sample KL between N(mean, std^2) and N(mean_ref, std^2), averaged over elements like the log-prob: [B]."""
-    dims = tuple(range(1, mean.ndim))
-    sq = ((mean - mean_ref) ** 2).float()
-    return (sq / (2 * std.float() ** 2)).mean(dim=dims) if dims else sq / (2 * std.float() ** 2)
+    return reduce_elements(((mean - mean_ref) ** 2).float() / (2 * std.float() ** 2))
 
 
 def grpo_guard_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor) -> Tensor:

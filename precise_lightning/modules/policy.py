@@ -52,7 +52,7 @@ class Policy(nn.Module):
         self.denoiser = denoiser
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.denoiser.parameters() if p.requires_grad]
+        return [p for _, p in self.named_trainable_parameters()]
 
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)

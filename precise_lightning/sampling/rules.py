@@ -136,6 +136,16 @@ def velocity_gain(rule: str, t: float, t_next: float, eta: float | None = None) 
     return float(transition(rule, zero, one, t, t_next, eta)[0] - transition(rule, zero, zero, t, t_next, eta)[0])
 
 
+def reduce_elements(values: Tensor, reduce: str = "mean") -> Tensor:
+    """Mean or sum over every non-batch dim: [B, ...] -> [B] ([B] stays as is; torch's dim=() would reduce all)."""
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    dims = tuple(range(1, values.ndim))
+    if not dims:
+        return values
+    return values.mean(dim=dims) if reduce == "mean" else values.sum(dim=dims)
+
+
 def gaussian_log_prob(
     x_next: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "mean", std_floor: float = 1e-12
 ) -> Tensor:
@@ -147,14 +157,8 @@ def gaussian_log_prob(
     ``reduce="mean"`` matches Flow-GRPO / DanceGRPO (their PPO clip ranges are calibrated to it); ``"sum"`` is the
     exact joint log-density. ``std`` is floored at ``std_floor`` so a deterministic step yields a finite value.
     """
-    if reduce not in ("mean", "sum"):
-        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
     dtype = torch.promote_types(x_next.dtype, torch.float32)
     x_next, mean = x_next.to(dtype), mean.to(dtype)
     std = torch.as_tensor(std, dtype=dtype, device=x_next.device).clamp_min(std_floor)
     log_p = -((x_next - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * LOG_2PI
-    log_p = log_p.expand_as(x_next)
-    dims = tuple(range(1, log_p.ndim))
-    if dims:  # for x of shape [B] there is nothing to reduce (torch would reduce everything for dim=())
-        log_p = log_p.mean(dim=dims) if reduce == "mean" else log_p.sum(dim=dims)
-    return log_p.float()
+    return reduce_elements(log_p.expand_as(x_next), reduce).float()
