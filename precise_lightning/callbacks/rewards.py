@@ -1,5 +1,6 @@
 """Reward scoring. The reward models live here, not in the LightningModule: out of the optimizer, out of FSDP
-wrapping and out of checkpoints. The GRPO module finds this callback on the trainer and calls :meth:`score`."""
+wrapping and out of checkpoints. The GRPO module finds this callback on the trainer and calls :meth:`score` on
+rollouts and evaluation images, and :meth:`evaluate` on evaluation images only."""
 
 from __future__ import annotations
 
@@ -9,30 +10,52 @@ from torch import Tensor, nn
 
 
 class RewardScorer(Callback):
-    """Weighted sum of reward models, each ``reward(images [B, C, H, W] in [0, 1], prompts) -> [B]``.
+    """Training reward = weighted sum of reward models, each ``reward(images [B, C, H, W] in [0, 1], prompts) -> [B]``.
+
+    The two published mixes:
+
+    - raw sum (the official Precise FLUX.2 Klein "mix"): ``normalize: false`` and weights that carry the scale,
+      e.g. ``{pickscore: 0.0384615385, clipscore: 0.0333333333, hpsv2: 1.0}`` = PickScore / 26 + CLIPScore / 30
+      + HPSv2.1;
+    - z-normalised: ``normalize: true``, each component standardised over the batch gathered from all ranks, then
+      weighted, so components on different scales count alike.
 
     Args:
-        rewards: name -> reward model (``class_path`` in YAML).
+        rewards: name -> reward model (``class_path`` in YAML), scored on every rollout.
         weights: name -> weight; missing names weigh 1.
-        normalize: z-normalise each component over the batch gathered from all ranks before weighting
-            (the "mix" reward of the Precise recipes), so components on different scales count alike.
+        normalize: z-normalise each component before weighting (see above).
+        metrics: name -> held-out metric, scored on evaluation images only (never on rollouts, never trained on)
+            and logged as ``eval/<name>``; e.g. HPSv2.1 and CLIPScore for a run trained on PickScore.
     """
 
-    def __init__(self, rewards: dict[str, nn.Module], weights: dict[str, float] | None = None, normalize: bool = False):
+    def __init__(
+        self,
+        rewards: dict[str, nn.Module],
+        weights: dict[str, float] | None = None,
+        normalize: bool = False,
+        metrics: dict[str, nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         if not rewards:
-            raise ValueError("RewardScorer needs at least one reward model")
+            raise ValueError("RewardScorer needs at least one reward model (reward.rewards)")
         unknown = set(weights or {}) - set(rewards)
         if unknown:
-            raise ValueError(f"weights name unknown rewards {sorted(unknown)}; rewards are {sorted(rewards)}")
+            raise ValueError(f"reward.weights name unknown rewards {sorted(unknown)}; rewards are {sorted(rewards)}")
+        clash = set(metrics or {}) & set(rewards)
+        if clash:
+            raise ValueError(
+                f"reward.metrics {sorted(clash)} are also training rewards, whose evaluation values are logged as "
+                "eval/reward/<name> already: remove them from reward.metrics"
+            )
         self.rewards = rewards
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in rewards}
         self.normalize = normalize
+        self.metrics = metrics or {}
         self._trainer: Trainer | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer = trainer
-        for model in self.rewards.values():
+        for model in [*self.rewards.values(), *self.metrics.values()]:
             model.to(pl_module.device).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -47,12 +70,17 @@ class RewardScorer(Callback):
             total = total + self.weights[name] * value
         return total, components
 
+    @torch.no_grad()
+    def evaluate(self, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        """Each held-out metric [B] (float32)."""
+        return {name: model(images, prompts).float() for name, model in self.metrics.items()}
+
 
 def find_reward_scorer(trainer: Trainer) -> RewardScorer:
     scorers = [cb for cb in trainer.callbacks if isinstance(cb, RewardScorer)]
     if len(scorers) != 1:
         raise ValueError(
-            f"GRPO needs exactly one RewardScorer in trainer.callbacks, found {len(scorers)}: add e.g. "
-            "{class_path: precise_lightning.callbacks.RewardScorer, init_args: {rewards: {name: {class_path: ...}}}}"
+            f"GRPO needs exactly one RewardScorer, found {len(scorers)}: give the config a `reward:` section, e.g. "
+            "{rewards: {name: {class_path: precise_lightning.rewards.PickScore}}} (cli.py registers it)"
         )
     return scorers[0]

@@ -94,11 +94,13 @@ class GRPOModule(LightningModule):
         self.scorer: RewardScorer | None = None
         self.eval_reward = MeanMetric()
         self.eval_components = nn.ModuleDict()  # one MeanMetric per reward component, made in setup
+        self.eval_metrics = nn.ModuleDict()  # one MeanMetric per held-out metric, made in setup
 
     # ---- set-up -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.scorer = find_reward_scorer(self.trainer)
         self.eval_components = nn.ModuleDict({name: MeanMetric() for name in self.scorer.rewards})
+        self.eval_metrics = nn.ModuleDict({name: MeanMetric() for name in self.scorer.metrics})
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
         if stage == "fit" and batch_size:
             self._micro_slices(batch_size)  # fail before the first rollout, not inside it
@@ -263,10 +265,13 @@ class GRPOModule(LightningModule):
         self.eval_reward.update(rewards)
         for name, value in components.items():
             self.eval_components[name].update(value)
+        for name, value in self.scorer.evaluate(images, prompts).items():
+            self.eval_metrics[name].update(value)
         return {"images": images, "prompts": prompts, "rewards": rewards}
 
     def on_validation_epoch_end(self) -> None:
         metrics = {"eval/reward": self.eval_reward} | {f"eval/reward/{n}": m for n, m in self.eval_components.items()}
+        metrics |= {f"eval/{n}": m for n, m in self.eval_metrics.items()}  # held-out metrics, never trained on
         for name, metric in metrics.items():
             self.log(name, metric.compute(), prog_bar=name == "eval/reward")
             metric.reset()
