@@ -1,0 +1,147 @@
+"""Reward cost beside sampling cost: images per second of each published scorer at its real architecture (random
+weights, written in the published formats and loaded through the product's own loading code), next to the
+demo's rollout.
+
+PickScore is OpenCLIP ViT-H/14 (986M parameters), HPSv2.1 the same architecture in open_clip, CLIPScore OpenAI
+ViT-L/14 (428M). Images are 512 x 512 (the recipes' resolution), prompts a GRPO batch (each repeated 8 times).
+On a GPU each scorer also runs with bfloat16 weights. Prints a table and saves a bar chart.
+
+    python benchmarks/rewards.py [--batch 32] [--repeats 3] [--device auto] [--out benchmarks/out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from precise_lightning.hub import set_model_root
+from precise_lightning.modules import DigitsPolicy
+from precise_lightning.rewards import CLIPScore, HPSv2, PickScore
+from precise_lightning.sampling import Sampler
+from precise_lightning.tiny.rewards import write_clip_rewards, write_hpsv2
+
+SCORERS = {"PickScore (ViT-H/14)": PickScore, "HPSv2.1 (ViT-H/14)": HPSv2, "CLIPScore (ViT-L/14)": CLIPScore}
+GROUP = 8
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn()`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
+
+
+def bench_scorers(root: Path, device: torch.device, batch: int, repeats: int) -> list[dict]:
+    set_model_root(str(root))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, 512, 512, generator=g).to(device)
+    prompts = [f"prompt number {i // GROUP}: a detailed photo of a red fox in snow" for i in range(batch)]
+    dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
+    rows = []
+    for name, cls in SCORERS.items():
+        for dtype in dtypes:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            scorer = cls(dtype=dtype).to(device)
+            load_s = time.perf_counter() - start
+            seconds = _timed(lambda scorer=scorer: scorer(images, prompts), device, repeats)
+            rows.append(dict(what=name, dtype=dtype, seconds=seconds, images_per_s=batch / seconds,
+                             load_s=load_s, peak_gib=_peak_gib(device)))
+            print(f"  {name} {dtype}: {batch / seconds:.2f} images/s", flush=True)
+            del scorer
+            gc.collect()
+    set_model_root(None)
+    return rows
+
+
+def bench_demo_rollout(device: torch.device, repeats: int) -> dict:
+    """The digits demo's rollout of one iteration: 128 images, Precise, 10 steps, then decode."""
+    policy = DigitsPolicy().to(device)
+    sampler = Sampler("precise", eta=1.5, num_steps=10)
+    prompts = [f"a handwritten digit {i % 10}" for i in range(128)]
+    noise = torch.randn(128, *policy.latent_shape, device=device)
+
+    @torch.no_grad()
+    def rollout():
+        cond = policy.encode(prompts)
+        traj = sampler.sample(lambda x, t: policy.velocity(x, t, cond), noise, generator=None)
+        return policy.decode(traj.latents[-1])
+
+    seconds = _timed(rollout, device, repeats)
+    return dict(what="demo rollout (digits, 10 steps)", dtype="float32", seconds=seconds,
+                images_per_s=128 / seconds, load_s=float("nan"), peak_gib=_peak_gib(device))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['what']}\n{r['dtype']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.7 * len(rows) + 1.5))
+    ax.barh(labels, [r["images_per_s"] for r in rows])
+    ax.set_xscale("log")
+    ax.set_xlabel("images per second (log scale)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; batch {args.batch} of 512 x 512 images; median of {args.repeats} after a warm-up")
+    with tempfile.TemporaryDirectory() as root:
+        print("writing real-size random weights ...", flush=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            write_clip_rewards(Path(root), "real")
+            write_hpsv2(Path(root), "real")
+        rows = bench_scorers(Path(root), device, args.batch, args.repeats)
+    rows.append(bench_demo_rollout(device, args.repeats))
+    print(f"\n| what | weights | s per batch of {args.batch} | images / s | load s | peak memory GiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        batch = 128 if r["what"].startswith("demo") else args.batch
+        seconds = r["seconds"] if batch == args.batch else r["seconds"] * args.batch / batch
+        print(f"| {r['what']} | {r['dtype']} | {seconds:.3f} | {r['images_per_s']:.1f} | {r['load_s']:.1f} | "
+              f"{r['peak_gib']:.2f} |")
+    plot(rows, args.out / "rewards.png")
+    print(f"\nplot: {args.out / 'rewards.png'}  (peak memory: GPU allocator peak on CUDA, process RSS peak on CPU)")
+
+
+if __name__ == "__main__":
+    main()

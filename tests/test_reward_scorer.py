@@ -1,0 +1,133 @@
+"""Reward mixes, held-out evaluation metrics, and the reward / ema / model_root sections of the command line."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+import cli
+from precise_lightning.callbacks import EMA, RewardScorer
+from precise_lightning.rewards import CLIPScore, HPSv2, PickScore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Fixed(nn.Module):
+    """A reward that returns given values (and counts its calls)."""
+
+    def __init__(self, values: list[float]) -> None:
+        super().__init__()
+        self.values, self.calls = torch.tensor(values), 0
+
+    def forward(self, images, prompts):
+        self.calls += 1
+        return self.values[: len(images)]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(tmp_path_factory, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PRECISE_LIGHTNING_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_raw_weighted_sum():
+    scorer = RewardScorer({"a": Fixed([1.0, 2.0, 3.0]), "b": Fixed([10.0, 0.0, -10.0])}, weights={"a": 0.5})
+    total, parts = scorer.score(torch.zeros(3, 3, 4, 4), ["p"] * 3)
+    torch.testing.assert_close(total, torch.tensor([10.5, 1.0, -8.5]))  # b weighs 1 by default
+    torch.testing.assert_close(parts["a"], torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_z_normalised_mix():
+    a, b = [1.0, 2.0, 3.0, 6.0], [100.0, 300.0, 200.0, 400.0]
+    scorer = RewardScorer({"a": Fixed(a), "b": Fixed(b)}, weights={"a": 2.0, "b": 1.0}, normalize=True)
+    total, parts = scorer.score(torch.zeros(4, 3, 4, 4), ["p"] * 4)
+    z = lambda v: (torch.tensor(v) - torch.tensor(v).mean()) / (torch.tensor(v).std() + 1e-6)  # noqa: E731
+    torch.testing.assert_close(total, 2 * z(a) + z(b))
+    torch.testing.assert_close(parts["b"], torch.tensor(b))  # components are logged raw
+
+
+def test_precise_flux_mix_is_the_raw_sum_of_the_published_scorers(model_root):
+    """The official Precise FLUX.2 Klein mix: PickScore / 26 + CLIPScore / 30 + HPSv2.1, weights in the config."""
+    rewards = {"pickscore": PickScore(), "clipscore": CLIPScore(), "hpsv2": HPSv2()}
+    scorer = RewardScorer(rewards, weights={"pickscore": 1 / 26, "clipscore": 1 / 30, "hpsv2": 1.0})
+    images, prompts = torch.rand(4, 3, 40, 40), ["a cat", "a dog", "a cat", "a fox"]
+    total, parts = scorer.score(images, prompts)
+    expected = rewards["pickscore"](images, prompts) / 26 + rewards["clipscore"](images, prompts) / 30
+    torch.testing.assert_close(total, expected + rewards["hpsv2"](images, prompts))
+    assert set(parts) == {"pickscore", "clipscore", "hpsv2"}
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(rewards={}), r"at least one reward model \(reward.rewards\)"),
+        (dict(rewards={"a": Fixed([1.0])}, weights={"b": 1.0}), r"reward.weights name unknown rewards \['b'\]"),
+        (dict(rewards={"a": Fixed([1.0])}, metrics={"a": Fixed([1.0])}), r"reward.metrics \['a'\] are also training"),
+    ],
+)
+def test_bad_reward_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RewardScorer(**kwargs)
+
+
+def _demo(tmp_path, *extra):
+    return [
+        "--config", "configs/digits_precise.yaml",
+        "--model.policy.init_args.hidden", "32", "--model.policy.init_args.pretrain_steps", "20",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_steps", "6",
+        "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--data.batch_size", "16", "--data.eval_batch_size", "8",
+        "--data.eval_repeats", "2", "--model.micro_batch_size", "8", *extra,
+    ]
+
+
+def test_held_out_metrics_are_logged_at_evaluation_and_never_scored_on_rollouts(tmp_path, tiny_root):
+    """The shipped overlays: demo + the paper's held-out metrics + tiny CPU models from a model root."""
+    run = cli.main(_demo(tmp_path, "--config", "configs/heldout_metrics.yaml", "--config", "configs/tiny_cpu.yaml",
+                         "--model_root", str(tiny_root)), run=False)
+    scorer = next(cb for cb in run.trainer.callbacks if isinstance(cb, RewardScorer))
+    assert {type(m) for m in scorer.metrics.values()} == {PickScore, HPSv2, CLIPScore}
+    calls = {name: 0 for name in scorer.metrics}
+    for name, metric in scorer.metrics.items():
+        metric.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    val_batches = len(run.datamodule.val_dataloader())  # one evaluation, after rollout 3
+    assert run.trainer.global_step == 6 and val_batches >= 1
+    assert calls == {name: val_batches for name in scorer.metrics}  # evaluation only: 3 rollouts ran too
+    (version,) = list(tmp_path.glob("*/version_*"))
+    acc = EventAccumulator(str(version))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for name in ("pickscore", "hpsv2", "clipscore"):
+        assert f"eval/{name}" in tags and f"train/reward/{name}" not in tags
+        (event,) = acc.Scalars(f"eval/{name}")
+        assert torch.isfinite(torch.tensor(event.value))
+    assert "eval/reward/digit" in tags and "train/reward/digit" in tags
+
+
+def test_reward_and_ema_are_overridable_from_the_command_line(tmp_path):
+    run = cli.main(_demo(tmp_path, "--reward.weights", "{digit: 2.5}", "--reward.normalize", "true",
+                         "--ema.decay", "0.95", "--ema.every_n_steps", "4"), run=False)
+    scorer = next(cb for cb in run.trainer.callbacks if isinstance(cb, RewardScorer))
+    ema = next(cb for cb in run.trainer.callbacks if isinstance(cb, EMA))
+    assert scorer.weights == {"digit": 2.5} and scorer.normalize
+    assert (ema.decay, ema.every_n_steps) == (0.95, 4)
+    run = cli.main(_demo(tmp_path, "--reward.weights.digit", "0.5"), run=False)
+    assert next(cb for cb in run.trainer.callbacks if isinstance(cb, RewardScorer)).weights == {"digit": 0.5}
+
+
+def test_a_config_without_a_reward_section_fails_at_parse(tmp_path, capsys):
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("\n".join(line for line in (ROOT / "configs/digits_precise.yaml").read_text().splitlines()
+                              if not line.startswith(("reward:", "  rewards:", "    digit:", "      class_path: "
+                                                      "precise_lightning.rewards"))))
+    with pytest.raises(SystemExit):
+        cli.main(["--config", str(bare)], run=False)
+    assert "the following arguments are required: reward.rewards" in capsys.readouterr().err
+
+
+def test_bad_model_root_fails_at_parse(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_root '/no/such/root' is not a directory"):
+        cli.main(_demo(tmp_path, "--model_root", "/no/such/root"), run=False)
