@@ -7,6 +7,7 @@ ViT-L/14 (428M). Images are 512 x 512 (the recipes' resolution), prompts a GRPO 
 On a GPU each scorer also runs with bfloat16 weights. Prints a table and saves a bar chart.
 
     python benchmarks/rewards.py [--batch 32] [--repeats 3] [--device auto] [--out benchmarks/out]
+    python benchmarks/rewards.py --size tiny --repeats 1   # seconds: checks the script, measures nothing useful
 """
 
 from __future__ import annotations
@@ -48,10 +49,13 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _peak_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
+def _peak_gpu_gib(device: torch.device) -> float:
+    """The allocator's peak since the last reset (CUDA); NaN on CPU, whose process peak is cumulative over rows."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+def _weights_gib(module: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
 
 
 def bench_scorers(root: Path, device: torch.device, batch: int, repeats: int) -> list[dict]:
@@ -70,7 +74,7 @@ def bench_scorers(root: Path, device: torch.device, batch: int, repeats: int) ->
             load_s = time.perf_counter() - start
             seconds = _timed(lambda scorer=scorer: scorer(images, prompts), device, repeats)
             rows.append(dict(what=name, dtype=dtype, seconds=seconds, images_per_s=batch / seconds,
-                             load_s=load_s, peak_gib=_peak_gib(device)))
+                             load_s=load_s, weights_gib=_weights_gib(scorer), peak_gib=_peak_gpu_gib(device)))
             print(f"  {name} {dtype}: {batch / seconds:.2f} images/s", flush=True)
             del scorer
             gc.collect()
@@ -91,9 +95,11 @@ def bench_demo_rollout(device: torch.device, repeats: int) -> dict:
         traj = sampler.sample(lambda x, t: policy.velocity(x, t, cond), noise, generator=None)
         return policy.decode(traj.latents[-1])
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     seconds = _timed(rollout, device, repeats)
-    return dict(what="demo rollout (digits, 10 steps)", dtype="float32", seconds=seconds,
-                images_per_s=128 / seconds, load_s=float("nan"), peak_gib=_peak_gib(device))
+    return dict(what="demo rollout (digits, 10 steps)", dtype="float32", seconds=seconds, images_per_s=128 / seconds,
+                load_s=float("nan"), weights_gib=_weights_gib(policy), peak_gib=_peak_gpu_gib(device))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -119,28 +125,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    parser.add_argument("--size", choices=["real", "tiny"], default="real", help="architectures to write and time")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; batch {args.batch} of 512 x 512 images; median of {args.repeats} after a warm-up")
+    print(f"device: {name}; {args.size} architectures; batch {args.batch} of 512 x 512 images; "
+          f"median of {args.repeats} after a warm-up")
     with tempfile.TemporaryDirectory() as root:
-        print("writing real-size random weights ...", flush=True)
+        print(f"writing {args.size} random weights ...", flush=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            write_clip_rewards(Path(root), "real")
-            write_hpsv2(Path(root), "real")
+            write_clip_rewards(Path(root), args.size)
+            write_hpsv2(Path(root), args.size)
         rows = bench_scorers(Path(root), device, args.batch, args.repeats)
     rows.append(bench_demo_rollout(device, args.repeats))
-    print(f"\n| what | weights | s per batch of {args.batch} | images / s | load s | peak memory GiB |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| what | dtype | s per {args.batch} images | images / s | load s | weights GiB | peak GPU GiB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        batch = 128 if r["what"].startswith("demo") else args.batch
-        seconds = r["seconds"] if batch == args.batch else r["seconds"] * args.batch / batch
-        print(f"| {r['what']} | {r['dtype']} | {seconds:.3f} | {r['images_per_s']:.1f} | {r['load_s']:.1f} | "
-              f"{r['peak_gib']:.2f} |")
+        seconds = r["seconds"] * args.batch / (128 if r["what"].startswith("demo") else args.batch)
+        print(f"| {r['what']} | {r['dtype']} | {seconds:.3g} | {r['images_per_s']:.3g} | {r['load_s']:.1f} | "
+              f"{r['weights_gib']:.2f} | {r['peak_gib']:.2f} |")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     plot(rows, args.out / "rewards.png")
-    print(f"\nplot: {args.out / 'rewards.png'}  (peak memory: GPU allocator peak on CUDA, process RSS peak on CPU)")
+    print(f"\nprocess peak RSS over the whole run: {rss:.1f} GiB; plot: {args.out / 'rewards.png'}")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,6 @@ from precise_lightning.rewards.base import ClipReward, Dtype
 from precise_lightning.rewards.preprocess import ClipPreprocess
 
 
-def _embeds(out) -> Tensor:
-    # transformers 5 returns a model output whose pooler_output is the projected embedding; 4.x a tensor.
-    return out if isinstance(out, Tensor) else out.pooler_output
-
-
 class HFClipReward(ClipReward):
     """A transformers ``CLIPModel`` with the image preprocessing and tokenizer of ``processor``."""
 
@@ -31,14 +26,14 @@ class HFClipReward(ClipReward):
         self.max_tokens = self.model.config.text_config.max_position_embeddings
 
     def encode_images(self, pixels: Tensor) -> Tensor:
-        return _embeds(self.model.get_image_features(pixel_values=pixels))
+        return self.model.get_image_features(pixel_values=pixels).pooler_output  # the projected embedding
 
     def encode_texts(self, prompts: list[str]) -> Tensor:
         counted = self.tokenizer(prompts, truncation=True, max_length=self.max_tokens + 1)["input_ids"]
         self.warn_truncated([len(ids) for ids in counted], prompts)  # over max_tokens: truncated below
         tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_tokens,
                                 return_tensors="pt").to(self.model.device)
-        return _embeds(self.model.get_text_features(**tokens))
+        return self.model.get_text_features(**tokens).pooler_output
 
 
 class PickScore(HFClipReward):

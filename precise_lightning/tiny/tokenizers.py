@@ -31,6 +31,7 @@ def write_clip_bpe(directory: Path) -> tuple[Path, Path]:
 
 def clip_tokenizer(scratch: Path, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """CLIP's tokenizer (OpenAI's pads with ``<|endoftext|>``, LAION's ViT-H-14 with ``!``), loaded from files written
-    to ``scratch`` (``from_pretrained`` reads them in transformers 4 and 5 alike)."""
+    to ``scratch`` (its constructor takes in-memory tables in transformers 5, files in 4; ``from_pretrained`` reads
+    the files)."""
     write_clip_bpe(scratch)
     return CLIPTokenizer.from_pretrained(str(scratch), pad_token=pad_token, model_max_length=77)
