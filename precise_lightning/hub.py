@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
+import torch
 from huggingface_hub import hf_hub_download
 
 T = TypeVar("T")
+Dtype = Literal["float32", "bfloat16", "float16"]
 
 _model_root: Path | None = None
 
@@ -77,3 +79,11 @@ def hub_file(repo_or_path: str, filename: str, what: str, key: str, revision: st
         return hf_hub_download(repo_or_path, filename, revision=revision)
     except (OSError, ValueError) as err:  # ValueError: not a valid repo id (a mistyped path)
         raise _missing(what, repo_or_path, key, err, filename) from err
+
+
+def frozen_dtype(name: Dtype | None) -> torch.dtype:
+    """dtype of frozen pretrained parts (reward models, text encoders, VAE): as given, else bfloat16 on a machine
+    with a GPU and float32 on one without."""
+    if name is not None:
+        return getattr(torch, name)
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32

@@ -84,9 +84,9 @@ def _demo(tmp_path, *extra):
 
 
 def test_held_out_metrics_are_logged_at_evaluation_and_never_scored_on_rollouts(tmp_path, tiny_root):
-    """The shipped overlays: demo + the paper's held-out metrics + tiny CPU models from a model root."""
-    run = cli.main(_demo(tmp_path, "--config", "configs/heldout_metrics.yaml", "--config", "configs/tiny_cpu.yaml",
-                         "--model_root", str(tiny_root)), run=False)
+    """The shipped overlay: demo + the paper's held-out metrics, tiny weights from a model root."""
+    run = cli.main(_demo(tmp_path, "--config", "configs/heldout_metrics.yaml", "--model_root", str(tiny_root)),
+                   run=False)
     scorer = next(cb for cb in run.trainer.callbacks if isinstance(cb, RewardScorer))
     assert {type(m) for m in scorer.metrics.values()} == {PickScore, HPSv2, CLIPScore}
     calls = {name: 0 for name in scorer.metrics}

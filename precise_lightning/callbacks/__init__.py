@@ -2,6 +2,7 @@
 
 from precise_lightning.callbacks.ema import EMA
 from precise_lightning.callbacks.images import ImageGridLogger
+from precise_lightning.callbacks.export import DiffusersExport
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
 
-__all__ = ["EMA", "ImageGridLogger", "RewardScorer", "find_reward_scorer"]
+__all__ = ["DiffusersExport", "EMA", "ImageGridLogger", "RewardScorer", "find_reward_scorer"]

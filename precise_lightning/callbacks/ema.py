@@ -6,6 +6,8 @@ is a second full model, so this keeps shadows of the trainable tensors only.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -53,6 +55,17 @@ class EMA(Callback):
             self.shadow[name].lerp_(p.detach(), 1 - d)
         self.num_updates += 1
         pl_module.log("ema/decay", d)
+
+    @contextmanager
+    def averaged(self, pl_module: LightningModule) -> Iterator[None]:
+        """Within this context the trainable weights are the EMA's (no-op before the first fit start)."""
+        if self.shadow:
+            self._swap(pl_module)
+        try:
+            yield
+        finally:
+            if self.shadow:
+                self._swap(pl_module)
 
     @torch.no_grad()
     def _swap(self, pl_module: LightningModule) -> None:

@@ -71,6 +71,8 @@ class GRPOModule(LightningModule):
         if not self.sampler.sde_steps:
             raise ValueError(f"the training sampler must be stochastic, got {self.sampler}: use e.g. rule 'precise'")
         self.eval_sampler = eval_sampler or Sampler("ode", num_steps=self.sampler.num_steps, grid=self.sampler.grid)
+        for s in (self.sampler, self.eval_sampler):
+            s.for_policy(policy)  # e.g. FLUX.2's grid shift depends on the policy's latent tokens per image
         checks = [
             (clip_range > 0, f"clip_range must be > 0, got {clip_range}"),
             (adv_clip_max > 0, f"adv_clip_max must be > 0, got {adv_clip_max}"),

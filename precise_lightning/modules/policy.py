@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.utils import get_peft_model_state_dict
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
@@ -27,6 +29,7 @@ class Policy(nn.Module):
     """
 
     latent_shape: tuple[int, ...]
+    pipeline_class: Any = None  # the diffusers pipeline whose save_lora_weights / load_lora_weights fit this model
 
     def __init__(self, lora_rank: int = 0, lora_alpha: float | None = None, lora_targets: list[str] | None = None):
         super().__init__()
@@ -56,6 +59,28 @@ class Policy(nn.Module):
 
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def save_lora(self, directory: str | Path) -> None:
+        """The LoRA adapters in diffusers' format with peft's adapter metadata (without it a loader cannot know
+        alpha), so that ``pipeline_class.from_pretrained(...).load_lora_weights(directory)`` reproduces the policy."""
+        if not self.lora_rank:
+            raise ValueError("save_lora needs LoRA adapters (lora_rank > 0); a fully fine-tuned transformer is saved "
+                             "with its save_pretrained")
+        if self.pipeline_class is None:
+            raise NotImplementedError(f"{type(self).__name__} has no diffusers pipeline to save LoRA weights for")
+        layers = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(self.denoiser).items()}
+        self.pipeline_class.save_lora_weights(
+            directory, transformer_lora_layers=layers,
+            transformer_lora_adapter_metadata=self.denoiser.peft_config["default"].to_dict(),
+        )
+
+    def save_trained(self, directory: str | Path) -> None:
+        """What trains, in diffusers' format: the LoRA adapters (:meth:`save_lora`) or, fully fine-tuned, the
+        denoiser (``save_pretrained``; load it as the pipeline's ``transformer``)."""
+        if self.lora_rank:
+            self.save_lora(directory)
+        else:
+            self.denoiser.save_pretrained(directory)
 
     def enable_reference(self) -> None:
         """Make the reference model available (a frozen copy for full fine-tuning; free with LoRA)."""

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from precise_lightning.hub import Dtype, frozen_dtype
 from precise_lightning.rewards.preprocess import ClipPreprocess
 
 log = logging.getLogger(__name__)
-
-Dtype = Literal["float32", "bfloat16", "float16"]
-
 
 class ClipReward(nn.Module):
     """``forward(images [B, C, H, W] in [0, 1], prompts) -> [B] float32``, no grad, on the images' device.
@@ -26,9 +23,9 @@ class ClipReward(nn.Module):
     preprocess: ClipPreprocess
     max_tokens: int
 
-    def __init__(self, dtype: Dtype = "float32") -> None:
+    def __init__(self, dtype: Dtype | None = None) -> None:
         super().__init__()
-        self.dtype = getattr(torch, dtype)
+        self.dtype = frozen_dtype(dtype)
         self._warned_truncation = False
 
     def encode_images(self, pixels: Tensor) -> Tensor:

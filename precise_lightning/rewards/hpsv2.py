@@ -15,8 +15,8 @@ from pathlib import Path
 import open_clip
 from torch import Tensor
 
-from precise_lightning.hub import hub_file
-from precise_lightning.rewards.base import ClipReward, Dtype
+from precise_lightning.hub import Dtype, hub_file
+from precise_lightning.rewards.base import ClipReward
 from precise_lightning.rewards.preprocess import ClipPreprocess
 
 
@@ -53,7 +53,7 @@ class HPSv2(ClipReward):
         architecture: open_clip model name or ``local-dir:DIR``; default: the checkpoint directory's
             ``open_clip_config.json`` if it has one, else ``ViT-H-14``.
         revision: hub revision of ``checkpoint``.
-        dtype: weights' dtype.
+        dtype: weights' dtype; default bfloat16 on a machine with a GPU, float32 without.
     """
 
     def __init__(
@@ -62,7 +62,7 @@ class HPSv2(ClipReward):
         filename: str = "HPS_v2.1_compressed.pt",
         architecture: str | None = None,
         revision: str | None = None,
-        dtype: Dtype = "float32",
+        dtype: Dtype | None = None,
     ) -> None:
         super().__init__(dtype)
         path = hub_file(checkpoint, filename, "HPSv2 checkpoint", "checkpoint", revision)

@@ -51,13 +51,25 @@ class Sampler:
                     f"(steps are 0..{self.num_steps - 1} and the last one is deterministic)"
                 )
         self.sde_window = sde_window
-        self._timesteps = self.grid(self.num_steps)
-        if not (self._timesteps[0] == 1 and self._timesteps[-1] == 0 and (self._timesteps.diff() < 0).all()):
-            raise ValueError(f"{type(self.grid).__name__} must give times decreasing from 1 to 0")
+        self._timesteps: Tensor | None = None
+        if self.grid.complete:  # else for_policy completes and validates it
+            self.timesteps  # noqa: B018 - validates the grid now, at config parse
+
+    def for_policy(self, policy) -> Sampler:
+        """Complete the grid with what it takes from the policy (FLUX.2: latent tokens per image); returns self."""
+        self.grid = self.grid.for_policy(policy)
+        self._timesteps = None
+        self.timesteps  # noqa: B018
+        return self
 
     @property
     def timesteps(self) -> Tensor:
         """[N + 1] float64, from 1 to 0."""
+        if self._timesteps is None:
+            times = self.grid(self.num_steps)
+            if not (times[0] == 1 and times[-1] == 0 and (times.diff() < 0).all()):
+                raise ValueError(f"{type(self.grid).__name__} must give times decreasing from 1 to 0")
+            self._timesteps = times
         return self._timesteps
 
     @property

@@ -1,19 +1,26 @@
 """Tiny random-weight models of the published classes, for tests and CPU runs without a download.
 
 ``python -m precise_lightning.tiny DIR`` writes them under ``DIR`` laid out by hub id
-(``DIR/yuvalkirstain/PickScore_v1``, ...); ``model_root: DIR`` (``configs/tiny_cpu.yaml``) makes the real configs
-load them through the same loading code as the real weights.
+(``DIR/yuvalkirstain/PickScore_v1``, ``DIR/stabilityai/stable-diffusion-3.5-medium``, ...); ``model_root: DIR``
+(``configs/tiny_cpu.yaml``) makes the real configs load them through the same loading code as the real weights.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from precise_lightning.tiny.rewards import write_rewards
+import torch
+
+from precise_lightning.tiny.models import write_models
+from precise_lightning.tiny.rewards import write_clip_rewards, write_hpsv2
 
 
-def write_tiny(root: str | Path) -> Path:
-    """Write every tiny model under ``root``; returns it."""
+def write_tiny(root: str | Path, seed: int = 0) -> Path:
+    """Write every tiny model under ``root`` (the same weights for the same seed); returns it."""
     root = Path(root)
-    write_rewards(root, "tiny")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        write_clip_rewards(root, "tiny")
+        write_hpsv2(root, "tiny")
+        write_models(root)
     return root

@@ -76,10 +76,3 @@ def write_hpsv2(root: Path, size: Size = "tiny") -> None:
     torch.save({"state_dict": model.state_dict()}, directory / HPSV2_FILE)
     if size == "tiny":
         (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}, indent=2))
-
-
-def write_rewards(root: Path, size: Size = "tiny", seed: int = 0) -> None:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        write_clip_rewards(root, size)
-        write_hpsv2(root, size)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import string
 from pathlib import Path
 
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 
 CLIP_VOCAB_SIZE = 49408
 
@@ -35,3 +36,34 @@ def clip_tokenizer(scratch: Path, pad_token: str = "<|endoftext|>") -> CLIPToken
     the files)."""
     write_clip_bpe(scratch)
     return CLIPTokenizer.from_pretrained(str(scratch), pad_token=pad_token, model_max_length=77)
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    """A T5 tokenizer (the same Unigram class and special tokens) over a small vocabulary: characters and common
+    words, so any prompt tokenizes without unknowns; the real one has 32,100 sentencepiece pieces."""
+    words = "a an the of on in with and to is photo painting cat dog red blue green of by at".split()
+    chars = list(string.ascii_letters + string.digits + string.punctuation)
+    pieces = [("▁" + w, -5.0) for w in dict.fromkeys(words)] + [("▁", -2.0)] + [(c, -10.0) for c in chars]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+# Qwen3's chat template, reduced to what FLUX.2 Klein's prompt encoding uses (a user turn, the generation prompt
+# and the empty thinking block that enable_thinking=False adds).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{%- endif %}{%- endif %}"
+)
+
+
+def qwen3_tokenizer() -> Qwen2Tokenizer:
+    """Qwen's byte-level BPE class with its chat special tokens over the 256 byte symbols and no merges (every
+    byte is a token); the real vocabulary has 151,669 entries."""
+    symbols = list(bytes_to_unicode().values())
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    vocab = {s: i for i, s in enumerate(symbols + specials)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer

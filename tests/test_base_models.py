@@ -1,0 +1,186 @@
+"""SD3.5 Medium and FLUX.2 Klein policies on tiny random pipelines of the same classes: stock-pipeline parity, LoRA
+round trip into a stock pipeline, each recipe config trained for two iterations on CPU, full fine-tuning with a KL
+reference, the recipes with every rival sampler, the missing-weights message."""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import Flux2KleinPipeline, StableDiffusion3Pipeline
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import cli
+from precise_lightning.hub import WeightsNotFoundError
+from precise_lightning.modules import Flux2KleinPolicy, SD3Policy
+from precise_lightning.sampling import Flux2Grid, Sampler, SD3Grid, TimeGrid
+from precise_lightning.tiny.models import FLUX2_KLEIN, SD35_MEDIUM, TINY_RESOLUTION
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red cube on a wooden table", "a photo of a cat wearing a small hat"]
+
+
+@dataclass
+class Model:
+    policy: type
+    pipeline: type
+    hub_id: str
+    config: str
+    guidance: float  # the recipe's
+    lora_rank: int  # the recipe's
+
+    def grid(self, policy) -> TimeGrid:
+        return SD3Grid(shift=3.0) if self.policy is SD3Policy else Flux2Grid(policy.image_seq_len)
+
+
+SD35 = Model(SD3Policy, StableDiffusion3Pipeline, SD35_MEDIUM, "configs/sd35_precise.yaml", 4.5, 32)
+KLEIN = Model(Flux2KleinPolicy, Flux2KleinPipeline, FLUX2_KLEIN, "configs/flux2_klein_precise.yaml", 1.0, 16)
+MODELS = pytest.mark.parametrize("m", [SD35, KLEIN], ids=["sd35", "flux2_klein"])
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def _policy_image(m: Model, policy, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    sampler = Sampler("ode", num_steps=steps, grid=m.grid(policy))
+    with torch.no_grad():
+        cond = policy.encode(PROMPTS)
+        latents = sampler.sample(lambda x, t: policy.velocity(x, t, cond), noise).latents[-1]
+        return policy.decode(latents)
+
+
+def _stock_image(pipe, noise: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
+    out = pipe(prompt=PROMPTS, height=TINY_RESOLUTION, width=TINY_RESOLUTION, num_inference_steps=steps,
+               guidance_scale=guidance, latents=noise.clone(), output_type="pt")
+    return out.images
+
+
+@MODELS
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_ode_rollout_equals_the_stock_pipeline(model_root, m, guidance):
+    """Same weights, grid, noise and guidance: the policy's ODE rollout + decode is the pipeline's image."""
+    policy = m.policy(resolution=TINY_RESOLUTION, guidance_scale=guidance)
+    pipe = m.pipeline.from_pretrained(model_root / m.hub_id)
+    noise = torch.randn(len(PROMPTS), *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    ours, stock = _policy_image(m, policy, noise, 10), _stock_image(pipe, noise, 10, guidance)
+    assert ours.shape == stock.shape == (2, 3, TINY_RESOLUTION, TINY_RESOLUTION)
+    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)  # float32 on CPU; differences are op ordering
+    assert ours.std() > 0.01  # not a constant image
+
+
+@MODELS
+def test_guidance_changes_the_velocity_as_the_formula_says(model_root, m):
+    policy = m.policy(resolution=TINY_RESOLUTION, guidance_scale=3.0)
+    x = torch.randn(2, *policy.latent_shape)
+    t = torch.tensor(0.7)
+    with torch.no_grad():
+        cond = policy.encode(PROMPTS)
+        guided = policy.velocity(x, t, cond)
+        policy.guidance_scale = 1.0
+        v_cond = policy.velocity(x, t, cond)
+        v_uncond = policy.velocity(x, t, {k.removeprefix("neg_"): v for k, v in cond.items() if k.startswith("neg_")})
+    torch.testing.assert_close(guided, v_uncond + 3.0 * (v_cond - v_uncond), rtol=1e-5, atol=1e-5)
+
+
+def _recipe(m: Model, tmp_path, *extra):
+    return ["--config", m.config, "--config", "configs/tiny_cpu.yaml",
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", *extra]
+
+
+@MODELS
+def test_recipe_trains_two_iterations_and_its_lora_loads_into_a_stock_pipeline(tmp_path, model_root, m):
+    # A larger learning rate than the recipes' so that two iterations change the image well beyond the parity
+    # tolerance (Klein's 8e-5 moves it by < 1e-4); everything else is the recipe.
+    run = cli.main(_recipe(m, tmp_path, "--model_root", str(model_root), "--model.optimizer.init_args.lr", "0.01"),
+                   run=False)
+    policy = run.model.policy
+    assert isinstance(policy, m.policy) and policy.guidance_scale == m.guidance and policy.lora_rank == m.lora_rank
+    lora = {n: p.detach().clone() for n, p in policy.named_trainable_parameters()}
+    frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert run.trainer.global_step == 4
+    params = dict(policy.named_parameters())
+    unmoved = [n for n in lora if "lora_B" in n and torch.equal(lora[n], params[n])]
+    # Every adapter moved but one with no gradient path: SD3's last joint block is context_pre_only, so its
+    # context queries only produce context outputs that are discarded (the real SD3.5 Medium has the same).
+    last = f"transformer_blocks.{len(policy.pipeline.transformer.transformer_blocks) - 1}.attn.add_q_proj."
+    assert all(last in n for n in unmoved) and len(unmoved) <= 1, unmoved
+    assert all(torch.equal(frozen[n], params[n]) for n in frozen)  # base weights, encoders and VAE untouched
+    (version,) = list(tmp_path.glob("*/version_*"))
+    acc = EventAccumulator(str(version))
+    acc.Reload()
+    scalars = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert scalars["train/ratio_drift_first"] == [0.0, 0.0]  # ratio exactly 1 before each iteration's first update
+    for tag in ["train/reward", "train/reward/pickscore", "train/kl", "train/approx_kl", "eval/reward",
+                "eval/reward/pickscore"]:
+        assert tag in scalars and all(math.isfinite(v) for v in scalars[tag]), tag
+    held_out = {"eval/hpsv2", "eval/clipscore"} if m is SD35 else set()  # Klein trains on all three
+    assert held_out <= set(scalars)
+    # The adapters LoRAExport wrote in diffusers' format reproduce the trained policy in a stock pipeline.
+    assert (version / "lora_ema").is_dir()
+    pipe = m.pipeline.from_pretrained(model_root / m.hub_id)
+    pipe.load_lora_weights(version / "lora")
+    noise = torch.randn(len(PROMPTS), *policy.latent_shape, generator=torch.Generator().manual_seed(1))
+    trained = _stock_image(pipe, noise, 6, m.guidance)
+    torch.testing.assert_close(_policy_image(m, policy, noise, 6), trained, rtol=0, atol=1e-5)
+    base = m.pipeline.from_pretrained(model_root / m.hub_id)
+    assert (_stock_image(base, noise, 6, m.guidance) - trained).abs().max() > 1e-3  # the LoRA matters
+
+
+@MODELS
+def test_full_fine_tuning_with_a_kl_reference(tmp_path, model_root, m):
+    run = cli.main(_recipe(m, tmp_path, "--model_root", str(model_root), "--model.policy.init_args.lora_rank", "0",
+                           "--trainer.max_steps", "2", "--model.beta", "0.1"), run=False)
+    policy = run.model.policy
+    assert policy.reference_denoiser is not None  # a frozen copy: full fine-tuning has no adapters to disable
+    before = {n: p.detach().clone() for n, p in policy.denoiser.named_parameters()}
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    changed = [n for n, p in policy.denoiser.named_parameters() if not torch.equal(before[n], p)]
+    assert changed and all(p.requires_grad for p in policy.denoiser.parameters())
+    assert all(torch.equal(before[n], p) for n, p in policy.reference_denoiser.named_parameters())
+    assert math.isfinite(run.trainer.callback_metrics["train/kl"])
+    with pytest.raises(ValueError, match="save_lora needs LoRA adapters"):
+        policy.save_lora(tmp_path / "lora")
+    # DiffusersExport wrote the fine-tuned transformer; as a stock pipeline's transformer it gives the policy's image.
+    (version,) = list(tmp_path.glob("*/version_*"))
+    transformer = type(policy.pipeline.transformer).from_pretrained(version / "transformer")
+    pipe = m.pipeline.from_pretrained(model_root / m.hub_id, transformer=transformer)
+    noise = torch.randn(len(PROMPTS), *policy.latent_shape, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(_policy_image(m, policy, noise, 4), _stock_image(pipe, noise, 4, m.guidance),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["--model.sampler.init_args.rule", "flow_sde", "--model.sampler.init_args.eta", "0.7"],
+        ["--model.sampler.init_args.rule", "dance_sde", "--model.sampler.init_args.eta", "0.3"],
+        ["--model.sampler.init_args.rule", "cps", "--model.sampler.init_args.eta", "0.7"],
+        ["--model.sampler.init_args.sde_window", "[0, 4]"],
+    ],
+    ids=["precise", "flow_grpo", "dance_grpo", "cps", "mixgrpo_window"],
+)
+@MODELS
+def test_recipe_parses_with_every_rival_sampler(tmp_path, model_root, m, overrides):
+    run = cli.main(_recipe(m, tmp_path, "--model_root", str(model_root), *overrides), run=False)
+    assert run.model.sampler.sde_steps and isinstance(run.model.policy, m.policy)
+
+
+@MODELS
+def test_missing_weights_say_what_and_how(m):
+    with pytest.raises(WeightsNotFoundError, match=f"'{m.hub_id}' \\(config key `model.policy.init_args.model`\\)"
+                                                   ".*HF_HUB_OFFLINE") as info:
+        m.policy()
+    assert f"hf download {m.hub_id}" in str(info.value)
+
+
+@MODELS
+def test_resolution_must_fit_the_latent_grid(model_root, m):
+    with pytest.raises(ValueError, match=r"resolution \(30\) must be a multiple of 4"):
+        m.policy(resolution=30)
