@@ -6,7 +6,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 
-from precise_lightning.sampling import Flux2Grid, LinearGrid, SD3Grid, flux2_empirical_mu, shifted_linspace
+from precise_lightning.sampling import (
+    Flux2Grid,
+    LinearGrid,
+    Sampler,
+    SD3Grid,
+    flux2_empirical_mu,
+    shifted_linspace,
+)
 
 
 @pytest.mark.parametrize("num_steps", [2, 10, 20, 40])
@@ -50,3 +57,22 @@ def test_bad_grids_are_rejected():
         LinearGrid(shift=0.0)
     with pytest.raises(ValueError, match="image_seq_len must be >= 1"):
         Flux2Grid(0)
+
+
+class _Tokens:
+    image_seq_len = 256  # a FLUX.2 policy at 256 px
+
+
+def test_flux2_grid_takes_image_seq_len_from_the_policy():
+    sampler = Sampler("precise", num_steps=10, grid=Flux2Grid())  # image_seq_len null: waits for the policy
+    with pytest.raises(ValueError, match="Flux2Grid needs image_seq_len"):
+        sampler.timesteps  # noqa: B018
+    sampler.for_policy(_Tokens())
+    torch.testing.assert_close(sampler.timesteps, Flux2Grid(256)(10), rtol=0, atol=0)
+    assert Sampler(grid=Flux2Grid(256)).for_policy(_Tokens()).grid.image_seq_len == 256  # agreeing value kept
+    assert SD3Grid().for_policy(_Tokens()).__class__ is SD3Grid  # other grids take nothing from the policy
+
+
+def test_flux2_grid_that_disagrees_with_the_policy_is_an_error():
+    with pytest.raises(ValueError, match=r"Flux2Grid image_seq_len \(1024\) does not match the policy's 256"):
+        Sampler(grid=Flux2Grid(1024)).for_policy(_Tokens())
