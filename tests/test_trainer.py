@@ -60,7 +60,7 @@ def test_demo_fit_changes_weights_and_logs_finite_scalars(tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before)
     scalars, images = _scalars(tmp_path)
     for tag in ["train/reward", "train/reward/digit", "train/kl", "train/clip_fraction", "train/approx_kl",
-                "train/ratio_mean", "train/ratio_min", "train/ratio_max", "train/grad_norm", "time/rollout_s",
+                "train/ratio_mean", "train/ratio_min", "train/ratio_max", "train/grad_norm", "time/encode_s", "time/rollout_s",
                 "time/reward_s", "time/update_s", "eval/reward", "eval/reward/digit", "ema/decay"]:
         assert tag in scalars, tag
     for tag, values in scalars.items():

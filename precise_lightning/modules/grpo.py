@@ -148,8 +148,9 @@ class GRPOModule(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         prompts, group_ids = batch["prompts"], batch["group_ids"]
         slices = self._micro_slices(len(prompts))
-        with self._phase("rollout"):
+        with self._phase("encode"):
             cond = self.policy.encode(prompts)
+        with self._phase("rollout"):
             generator = self._rollout_generator()
             noise = torch.randn(len(prompts), *self.policy.latent_shape, generator=generator, device=self.device)
             trajectories, images = self.rollout(cond, noise, slices, generator)

@@ -19,6 +19,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, Qwen3Config, Qwen3ForCausalLM, T5Config, T5EncoderModel
 
+from precise_lightning.tiny.rewards import Size
 from precise_lightning.tiny.tokenizers import clip_tokenizer, qwen3_tokenizer, t5_tokenizer
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
@@ -26,50 +27,80 @@ FLUX2_KLEIN = "black-forest-labs/FLUX.2-klein-base-4B"
 TINY_RESOLUTION = 32  # pixels; the tiny VAE halves it once, the transformer's 2x2 patches halve it again
 
 
-def _clip_text(hidden: int) -> CLIPTextModelWithProjection:
+def _clip_text(hidden: int, mlp: int, layers: int, heads: int, act: str) -> CLIPTextModelWithProjection:
     return CLIPTextModelWithProjection(CLIPTextConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
-        projection_dim=hidden, vocab_size=49408, max_position_embeddings=77, hidden_act="gelu",
+        hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+        projection_dim=hidden, vocab_size=49408, max_position_embeddings=77, hidden_act=act,
     ))
 
 
-def sd35_pipeline() -> StableDiffusion3Pipeline:
-    """SD3.5 Medium's layout at toy width: CLIP-L / CLIP-G / T5 text encoders whose CLIP embeddings are
-    concatenated (16 + 16) and padded to T5's width (32 = joint_attention_dim), pooled 16 + 16 = 32."""
+def _depth(layers: int, depth: int | None) -> int:
+    return layers if depth is None else min(layers, depth)
+
+
+def sd35_pipeline(size: Size = "tiny", depth: int | None = None) -> StableDiffusion3Pipeline:
+    """SD3.5 Medium: CLIP-L / CLIP-G / T5 text encoders whose CLIP embeddings are concatenated and padded to T5's
+    width (joint_attention_dim), pooled CLIP-L + CLIP-G. ``size="real"`` is the published architecture (2.5B
+    transformer, T5-XXL), ``depth`` caps every layer stack (for machines where the full depth does not fit)."""
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer, tokenizer_2 = clip_tokenizer(Path(scratch)), clip_tokenizer(Path(scratch), pad_token="!")
+    if size == "tiny":
+        clip_l, clip_g = _clip_text(16, 32, 2, 2, "quick_gelu"), _clip_text(16, 32, 2, 2, "gelu")
+        t5 = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, vocab_size=len(t5_tokenizer()))
+        transformer = dict(sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4, num_layers=2,
+                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                           pooled_projection_dim=32, pos_embed_max_size=32, dual_attention_layers=(0,))
+        vae = dict(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                   sample_size=TINY_RESOLUTION)
+    else:
+        clip_l = _clip_text(768, 3072, _depth(12, depth), 12, "quick_gelu")
+        clip_g = _clip_text(1280, 5120, _depth(32, depth), 20, "gelu")
+        t5 = T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=_depth(24, depth),
+                      feed_forward_proj="gated-gelu", vocab_size=32128)
+        layers = _depth(24, depth)
+        transformer = dict(sample_size=128, in_channels=16, out_channels=16, num_layers=layers, attention_head_dim=64,
+                           num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                           pooled_projection_dim=2048, pos_embed_max_size=384,
+                           dual_attention_layers=tuple(range(min(13, layers))))
+        vae = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                   sample_size=1024)
+    blocks = len(vae["block_out_channels"])
     return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(
-            sample_size=TINY_RESOLUTION // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-            pooled_projection_dim=32, pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,),
-        ),
+        transformer=SD3Transformer2DModel(patch_size=2, qk_norm="rms_norm", **transformer),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-            sample_size=TINY_RESOLUTION, scaling_factor=1.5305, shift_factor=0.0609,
-            use_quant_conv=False, use_post_quant_conv=False,
-        ),
-        text_encoder=_clip_text(16), tokenizer=tokenizer, text_encoder_2=_clip_text(16), tokenizer_2=tokenizer_2,
-        text_encoder_3=T5EncoderModel(T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1,
-                                               vocab_size=len(t5_tokenizer()))),
-        tokenizer_3=t5_tokenizer(),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                          up_block_types=("UpDecoderBlock2D",) * blocks, scaling_factor=1.5305, shift_factor=0.0609,
+                          use_quant_conv=False, use_post_quant_conv=False, **vae),
+        text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip_g, tokenizer_2=tokenizer_2,
+        text_encoder_3=T5EncoderModel(t5), tokenizer_3=t5_tokenizer(),
     )
 
 
-def flux2_klein_pipeline() -> Flux2KleinPipeline:
-    """FLUX.2 Klein base's layout at toy width; the scheduler is Klein's (dynamic exponential shift, mu from the
-    pipeline). The VAE's latent statistics are set away from (0, 1) so that decoding is tested with them."""
+def flux2_klein_pipeline(size: Size = "tiny", depth: int | None = None) -> Flux2KleinPipeline:
+    """FLUX.2 Klein base 4B: a FLUX.2 transformer (5 double + 20 single blocks, 128 latent channels) reading
+    Qwen3-4B's hidden layers 9 / 18 / 27 (so the text encoder keeps at least 28 layers whatever ``depth``), the
+    FLUX.2 VAE with batch-norm latent statistics (set away from (0, 1) so that decoding is tested with them), and
+    Klein's scheduler (dynamic exponential shift, mu from the pipeline)."""
     tokenizer = qwen3_tokenizer()
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, tie_word_embeddings=True,
-    ))
-    vae = AutoencoderKLFlux2(
-        latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=TINY_RESOLUTION,
-    )
+    if size == "tiny":
+        qwen = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=28,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+        transformer = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                           num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
+                           axes_dims_rope=(4, 4, 4, 4))
+        vae = dict(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                   sample_size=TINY_RESOLUTION)
+    else:
+        qwen = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=max(28, _depth(36, depth)),
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+        transformer = dict(in_channels=128, num_layers=_depth(5, depth), num_single_layers=_depth(20, depth),
+                           attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3 * 2560,
+                           timestep_guidance_channels=256, axes_dims_rope=(32, 32, 32, 32))
+        vae = dict(latent_channels=32, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                   sample_size=1024)
+    blocks = len(vae["block_out_channels"])
+    vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * blocks,
+                             up_block_types=("UpDecoderBlock2D",) * blocks, **vae)
     vae.bn.running_mean.normal_(0, 0.5)
     vae.bn.running_var.uniform_(0.5, 2.0)
     return Flux2KleinPipeline(
@@ -78,17 +109,13 @@ def flux2_klein_pipeline() -> Flux2KleinPipeline:
             base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
         ),
         vae=vae,
-        text_encoder=text_encoder,
+        text_encoder=Qwen3ForCausalLM(Qwen3Config(max_position_embeddings=1024, tie_word_embeddings=True, **qwen)),
         tokenizer=tokenizer,
-        transformer=Flux2Transformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
-            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
-        ),
+        transformer=Flux2Transformer2DModel(patch_size=1, guidance_embeds=False, **transformer),
         is_distilled=False,
     )
 
 
-def write_models(root: Path) -> None:
-    sd35_pipeline().save_pretrained(root / SD35_MEDIUM)
-    flux2_klein_pipeline().save_pretrained(root / FLUX2_KLEIN)
+def write_models(root: Path, size: Size = "tiny", depth: int | None = None) -> None:
+    sd35_pipeline(size, depth).save_pretrained(root / SD35_MEDIUM)
+    flux2_klein_pipeline(size, depth).save_pretrained(root / FLUX2_KLEIN)
