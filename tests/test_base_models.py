@@ -184,3 +184,24 @@ def test_missing_weights_say_what_and_how(m):
 def test_resolution_must_fit_the_latent_grid(model_root, m):
     with pytest.raises(ValueError, match=r"resolution \(30\) must be a multiple of 4"):
         m.policy(resolution=30)
+
+
+@MODELS
+def test_gradient_checkpointing_gives_the_same_velocity_and_gradients(model_root, m):
+    torch.manual_seed(0)
+    plain = m.policy(resolution=TINY_RESOLUTION, lora_rank=4, lora_targets=["to_q", "to_k", "to_v"])
+    torch.manual_seed(0)
+    checkpointed = m.policy(resolution=TINY_RESOLUTION, lora_rank=4, lora_targets=["to_q", "to_k", "to_v"],
+                            gradient_checkpointing=True)
+    assert checkpointed.pipeline.transformer.is_gradient_checkpointing
+    x, t = torch.randn(2, *plain.latent_shape), torch.tensor(0.6)
+    grads = []
+    for policy in (plain, checkpointed):
+        policy.train()
+        assert not any(getattr(policy, c).training for c in policy.frozen)  # no text-encoder dropout
+        v = policy.velocity(x, t, policy.encode(PROMPTS))
+        v.square().mean().backward()
+        grads.append((v.detach(), [p.grad for p in policy.trainable_parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)

@@ -54,6 +54,14 @@ class PipelinePolicy(Policy):
             pipe.transformer.enable_gradient_checkpointing()
         self.attach_denoiser(pipe.transformer)
 
+    def train(self, mode: bool = True) -> PipelinePolicy:
+        """Frozen parts stay in eval mode: T5's dropout (rate 0.1 in its config) would otherwise make prompt
+        embeddings random whenever the module is put in training mode."""
+        super().train(mode)
+        for component in self.frozen:
+            getattr(self, component).eval()
+        return self
+
     def latent_shape_for(self, pipe: Any, resolution: int) -> tuple[int, ...]:
         """Latent shape of one image at ``resolution``; raises if the resolution does not fit the latent grid."""
         raise NotImplementedError
