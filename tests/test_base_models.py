@@ -121,7 +121,15 @@ def test_recipe_trains_two_iterations_and_its_lora_loads_into_a_stock_pipeline(t
         assert tag in scalars and all(math.isfinite(v) for v in scalars[tag]), tag
     held_out = {"eval/hpsv2", "eval/clipscore"} if m is SD35 else set()  # Klein trains on all three
     assert held_out <= set(scalars)
-    # The adapters LoRAExport wrote in diffusers' format reproduce the trained policy in a stock pipeline.
+    # Checkpoints keep the trainable weights only; a freshly built run restores them (strict loading).
+    run.trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert {k for k in saved if k.startswith("policy.")} == {f"policy.{n}" for n in lora}
+    again = cli.main(_recipe(m, tmp_path / "again", "--model_root", str(model_root)), run=False)
+    again.trainer.validate(again.model, datamodule=again.datamodule, ckpt_path=tmp_path / "last.ckpt", verbose=False)
+    restored = dict(again.model.policy.named_trainable_parameters())
+    assert all(torch.equal(restored[n], params[n]) for n in lora)
+    # The adapters DiffusersExport wrote in diffusers' format reproduce the trained policy in a stock pipeline.
     assert (version / "lora_ema").is_dir()
     pipe = m.pipeline.from_pretrained(model_root / m.hub_id)
     pipe.load_lora_weights(version / "lora")

@@ -107,6 +107,21 @@ class GRPOModule(LightningModule):
         if stage == "fit" and batch_size:
             self._micro_slices(batch_size)  # fail before the first rollout, not inside it
 
+    # Frozen weights (text encoders, VAE, the base under LoRA, a KL reference copy) are rebuilt from their source at
+    # start-up; checkpoints keep what trains (an SD3.5 checkpoint would otherwise carry T5-XXL every time).
+    def _frozen_keys(self) -> set[str]:
+        trainable = {f"policy.{n}" for n, _ in self.policy.named_trainable_parameters()}
+        return {k for k in self.state_dict() if k.startswith("policy.") and k not in trainable}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self._frozen_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        current = self.state_dict()
+        for key in self._frozen_keys() - set(checkpoint["state_dict"]):  # strict loading still checks the rest
+            checkpoint["state_dict"][key] = current[key]
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(self.policy.trainable_parameters())
 
