@@ -213,3 +213,14 @@ def test_gradient_checkpointing_gives_the_same_velocity_and_gradients(model_root
     torch.testing.assert_close(grads[0][0], grads[1][0])
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b)
+
+
+@MODELS
+def test_frozen_parts_load_in_text_dtype_and_the_transformer_in_float32(model_root, m):
+    policy = m.policy(resolution=TINY_RESOLUTION, text_dtype="bfloat16")
+    assert all(next(getattr(policy, c).parameters()).dtype == torch.bfloat16 for c in policy.frozen)
+    assert next(policy.denoiser.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        v = policy.velocity(torch.randn(2, *policy.latent_shape), torch.tensor(0.5), policy.encode(PROMPTS))
+        images = policy.decode(torch.randn(2, *policy.latent_shape))
+    assert v.dtype == torch.float32 and torch.isfinite(v).all() and images.dtype == torch.float32

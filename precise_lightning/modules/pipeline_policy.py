@@ -41,12 +41,13 @@ class PipelinePolicy(Policy):
         if guidance_scale < 1:
             raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}")
         name = self.pipeline_class.__name__
+        # Frozen parts load straight into their dtype (T5-XXL never passes through float32 in host memory).
+        dtypes = {component: frozen_dtype(text_dtype) for component in self.frozen} | {"default": torch.float32}
         pipe = load_pretrained(self.pipeline_class.from_pretrained, model, f"{name} weights",
-                               "model.policy.init_args.model", revision=revision)
+                               "model.policy.init_args.model", revision=revision, dtype=dtypes)
         self.latent_shape = self.latent_shape_for(pipe, resolution)
-        dtype = frozen_dtype(text_dtype)
         for component in self.frozen:  # registered here so that Lightning moves them with the policy
-            setattr(self, component, getattr(pipe, component).to(dtype).eval().requires_grad_(False))
+            setattr(self, component, getattr(pipe, component).eval().requires_grad_(False))
         self.pipeline = pipe  # not a module: its own methods act on the components above
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
         self._negative: dict[str, Tensor] | None = None
