@@ -12,6 +12,7 @@ from precise_lightning.rewards.preprocess import ClipPreprocess
 
 log = logging.getLogger(__name__)
 
+
 class ClipReward(nn.Module):
     """``forward(images [B, C, H, W] in [0, 1], prompts) -> [B] float32``, no grad, on the images' device.
 

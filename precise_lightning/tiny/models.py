@@ -5,7 +5,6 @@ pipeline reads, the FLUX.2 VAE with batch-norm latent statistics)."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from diffusers import (
@@ -42,11 +41,10 @@ def sd35_pipeline(size: Size = "tiny", depth: int | None = None) -> StableDiffus
     """SD3.5 Medium: CLIP-L / CLIP-G / T5 text encoders whose CLIP embeddings are concatenated and padded to T5's
     width (joint_attention_dim), pooled CLIP-L + CLIP-G. ``size="real"`` is the published architecture (2.5B
     transformer, T5-XXL), ``depth`` caps every layer stack (for machines where the full depth does not fit)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer, tokenizer_2 = clip_tokenizer(Path(scratch)), clip_tokenizer(Path(scratch), pad_token="!")
+    tokenizer_3 = t5_tokenizer()
     if size == "tiny":
         clip_l, clip_g = _clip_text(16, 32, 2, 2, "quick_gelu"), _clip_text(16, 32, 2, 2, "gelu")
-        t5 = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, vocab_size=len(t5_tokenizer()))
+        t5 = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, vocab_size=len(tokenizer_3))
         transformer = dict(sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4, num_layers=2,
                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
                            pooled_projection_dim=32, pos_embed_max_size=32, dual_attention_layers=(0,))
@@ -71,8 +69,8 @@ def sd35_pipeline(size: Size = "tiny", depth: int | None = None) -> StableDiffus
         vae=AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
                           up_block_types=("UpDecoderBlock2D",) * blocks, scaling_factor=1.5305, shift_factor=0.0609,
                           use_quant_conv=False, use_post_quant_conv=False, **vae),
-        text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip_g, tokenizer_2=tokenizer_2,
-        text_encoder_3=T5EncoderModel(t5), tokenizer_3=t5_tokenizer(),
+        text_encoder=clip_l, tokenizer=clip_tokenizer(), text_encoder_2=clip_g, tokenizer_2=clip_tokenizer(pad_token="!"),
+        text_encoder_3=T5EncoderModel(t5), tokenizer_3=tokenizer_3,
     )
 
 

@@ -5,7 +5,6 @@ for benchmarks."""
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -44,8 +43,7 @@ def clip_config(name: str, size: Size) -> CLIPConfig:
 def _processor(config: CLIPConfig, pad_token: str) -> CLIPProcessor:
     size = config.vision_config.image_size
     image = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    with tempfile.TemporaryDirectory() as scratch:
-        return CLIPProcessor(image_processor=image, tokenizer=clip_tokenizer(Path(scratch), pad_token=pad_token))
+    return CLIPProcessor(image_processor=image, tokenizer=clip_tokenizer(pad_token=pad_token))
 
 
 def write_clip_rewards(root: Path, size: Size = "tiny") -> None:
