@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
 from precise_lightning.data import PromptDataModule, read_prompts
 from precise_lightning.data.digits import parse_digit
 from precise_lightning.data.prompts import GroupCollate
+from precise_lightning.data.sampler import GlobalBatchSampler, ResumableLoader
 
 
 def _write(tmp_path, name, lines):
@@ -74,27 +74,57 @@ def test_eval_split_is_disjoint_and_deterministic(tmp_path):
     assert not {r["prompt"] for r in a.eval_records} & {r["prompt"] for r in a.train_records}
 
 
+def _rank_loaders(train, world, group_size=4, batch_size=8):
+    dm = PromptDataModule(train_file=train, group_size=group_size, batch_size=batch_size)
+    loader = dm.train_dataloader()  # the single-process loader; rank r of `world` gets the same with its sampler
+    return [
+        ResumableLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
+                        sampler=GlobalBatchSampler(len(loader.dataset), loader.batch_size, world, rank))
+        for rank in range(world)
+    ]
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_groups_never_split_across_ranks(tmp_path, world):
-    """Lightning shards the prompt dataset with a DistributedSampler; every group must land whole on one rank."""
-    train = _write(tmp_path, "t.txt", [f"prompt {i}" for i in range(24)])
-    dm = PromptDataModule(train_file=train, group_size=4, batch_size=8)
-    loader = dm.train_dataloader()
-    seen = {}
-    for rank in range(world):
-        sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=True, seed=0)
-        dist_loader = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
-                                 collate_fn=loader.collate_fn, drop_last=True)
-        for batch in dist_loader:
+def test_global_batches_do_not_depend_on_the_number_of_ranks(tmp_path, world):
+    """Rank r's batch b is chunk r of global batch b; one rank with a world-times larger batch sees the union."""
+    train = _write(tmp_path, "t.txt", [f"prompt {i}" for i in range(25)])
+    single = [b["prompts"] for b in _rank_loaders(train, 1, batch_size=8 * world)[0]]
+    per_rank = [[b["prompts"] for b in loader] for loader in _rank_loaders(train, world)]
+    assert len(single) == 25 // (2 * world) and all(len(p) == len(single) for p in per_rank)
+    for b, prompts in enumerate(single):
+        assert prompts == sum((per_rank[r][b] for r in range(world)), [])
+    for loader in _rank_loaders(train, world):
+        for batch in loader:
             ids, counts = torch.unique(batch["group_ids"], return_counts=True)
-            assert (counts == 4).all()
-            assert len(batch["prompts"]) == 8
-            for gid in ids.tolist():
-                assert seen.setdefault(gid, rank) == rank  # no group on two ranks
-            prompts = {p for p, g in zip(batch["prompts"], batch["group_ids"].tolist())}
-            assert len(prompts) == len(ids)  # one prompt per group id
-    # each rank gets 24 // world prompts and drops its incomplete last batch of 2 prompts
-    assert len(seen) == world * (24 // world // 2 * 2)
+            assert (counts == 4).all() and len(ids) == 2  # whole groups, one prompt per group id
+    first = [b["prompts"] for b in _rank_loaders(train, 1, batch_size=8 * world)[0]]
+    assert first == single  # deterministic
+    loader = _rank_loaders(train, 1, batch_size=8 * world)[0]
+    loader.sampler.set_epoch(1)
+    assert [b["prompts"] for b in loader] != single  # reshuffled per epoch
+
+
+def test_loader_resumes_mid_epoch_and_only_in_that_epoch(tmp_path):
+    train = _write(tmp_path, "t.txt", [f"prompt {i}" for i in range(20)])
+    (loader,) = _rank_loaders(train, 1)
+    loader.sampler.set_epoch(3)
+    full = [b["prompts"] for b in loader]
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    state = loader.state_dict()
+    assert state == {"epoch": 3, "batches": 2}
+    (resumed,) = _rank_loaders(train, 1)
+    resumed.load_state_dict(state)
+    assert [b["prompts"] for b in resumed] == full[2:]
+    assert resumed.state_dict() == {"epoch": 3, "batches": len(full)}
+    resumed.sampler.set_epoch(4)
+    assert len(list(resumed)) == len(full)  # the next epoch starts from its beginning
+
+
+def test_too_few_prompts_for_all_ranks(tmp_path):
+    train = _write(tmp_path, "t.txt", [f"prompt {i}" for i in range(5)])
+    with pytest.raises(ValueError, match=r"5 training prompts cannot fill one global batch of 6 prompts \(2 per rank x 3"):
+        _rank_loaders(train, 3)
 
 
 def test_val_loader_repeats(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from precise_lightning.sampling import RULES, LinearGrid, Sampler, SD3Grid, rollout, seeded_generators, transition
+from precise_lightning.sampling import RULES, LinearGrid, PerSample, Sampler, SD3Grid, rollout, seeded_generators, transition
 
 STOCHASTIC = sorted(set(RULES) - {"ode"})
 
@@ -51,6 +51,26 @@ def test_per_step_seeding_is_bit_exact_and_step_local():
     mean, std = transition("precise", a.latents[2], net(a.latents[2], t[2]), t[2], t[3])
     z = torch.randn(3, 6, generator=seeded_generators(7, 5)[2])
     assert torch.equal(mean + std * z, a.latents[3])
+
+
+def test_per_sample_generators_make_rows_independent_of_the_batch_split():
+    """Row i's noise comes from generator i: rolling out rows [0, 2) and [2, 5) apart gives the whole batch's rows."""
+    net, noise = Linear(), torch.randn(5, 6)
+    sampler = Sampler("precise", num_steps=4)
+
+    def generators():
+        return PerSample([torch.Generator().manual_seed(100 + i) for i in range(5)])
+
+    whole = sampler.sample(net, noise, generator=generators())
+    parts = [sampler.sample(net, noise[s], generator=generators()[s]) for s in (slice(0, 2), slice(2, 5))]
+    torch.testing.assert_close(torch.cat([p.latents for p in parts], 1), whole.latents, rtol=0, atol=1e-6)
+    t = sampler.timesteps.float()
+    mean, std = transition("precise", whole.latents[1], net(whole.latents[1], t[1]), t[1], t[2])
+    g = torch.Generator().manual_seed(103)
+    torch.randn(6, generator=g)  # step 0 drew row 3's first noise
+    torch.testing.assert_close(mean[3] + std * torch.randn(6, generator=g), whole.latents[2, 3], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="5 per-sample generators for a batch of 2"):
+        sampler.sample(net, noise[:2], generator=generators())
 
 
 def test_single_generator_reproduces_and_wrong_count_is_rejected():

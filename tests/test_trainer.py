@@ -197,7 +197,11 @@ def test_lora_fit_with_kl_and_ratio_norm(tmp_path):
 
 def test_train_fraction_picks_a_sorted_random_subset(tmp_path):
     module = _module(tmp_path, sampler=Sampler("precise", num_steps=10), train_fraction=0.5)
-    picks = [module.trained_steps(list(range(9))) for _ in range(20)]
+    picks = []
+    for rollout in range(20):
+        module.rollouts = rollout
+        picks.append(module.trained_steps(list(range(9))))
+        assert module.trained_steps(list(range(9))) == picks[-1]  # a function of (seed, rollout): same on every rank
     assert all(len(p) == 5 and p == sorted(p) and set(p) <= set(range(9)) for p in picks)
     assert len({tuple(p) for p in picks}) > 1
     assert _module(tmp_path).trained_steps([0, 1, 2]) == [0, 1, 2]

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 class EMA(Callback):
@@ -30,26 +31,32 @@ class EMA(Callback):
         self._last_step = 0
 
     def _params(self, pl_module: LightningModule) -> dict[str, torch.nn.Parameter]:
-        return dict(pl_module.policy.named_trainable_parameters())
+        """The trainable weights, with each shadow laid out like its weight (device, and shards under FSDP2)."""
+        params = dict(pl_module.policy.named_trainable_parameters())
+        for name, p in params.items():
+            s = self.shadow.get(name)
+            if isinstance(p, DTensor) and not isinstance(s, DTensor):  # a full tensor restored from a checkpoint
+                self.shadow[name] = distribute_tensor(s.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            elif s is not None and s.device != p.device:
+                self.shadow[name] = s.to(p.device)
+        return params
 
     def current_decay(self) -> float:
         k = self.num_updates
         return min((1 + k) / (10 + k), self.decay) if self.warmup else self.decay
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        params = self._params(pl_module)
-        if not self.shadow:
-            self.shadow = {n: p.detach().clone() for n, p in params.items()}
-        self.shadow = {n: s.to(params[n].device) for n, s in self.shadow.items()}
+        if not self.shadow:  # else restored from a checkpoint (sharded strategies restore after this hook)
+            self.shadow = {n: p.detach().clone() for n, p in pl_module.policy.named_trainable_parameters()}
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
         self._last_step = trainer.global_step
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         # A rollout may take several optimizer steps: update whenever a multiple of every_n_steps was crossed.
-        step, every = trainer.global_step, self.every_n_steps
-        if step // every == self._last_step // every:
+        if trainer.global_step // self.every_n_steps == self._last_step // self.every_n_steps:
             return
-        self._last_step = step
         d = self.current_decay()
         for name, p in self._params(pl_module).items():
             self.shadow[name].lerp_(p.detach(), 1 - d)
@@ -83,7 +90,9 @@ class EMA(Callback):
             self._swap(pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shadow": {n: s.cpu() for n, s in self.shadow.items()}, "num_updates": self.num_updates}
+        """Whole-model shadows (sharded ones are gathered: every rank calls this when a checkpoint is saved)."""
+        full = {n: s.full_tensor() if isinstance(s, DTensor) else s for n, s in self.shadow.items()}
+        return {"shadow": {n: s.cpu() for n, s in full.items()}, "num_updates": self.num_updates}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shadow = dict(state_dict["shadow"])

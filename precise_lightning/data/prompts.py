@@ -1,7 +1,7 @@
 """Prompt files and the LightningDataModule that serves them in GRPO groups.
 
 A training item is one prompt; the collate function repeats it ``group_size`` times under one group id (the
-prompt's index in the file). Lightning's distributed sampler shards *items*, so a group never straddles ranks.
+prompt's index in the file). The sampler hands out whole prompts, so a group never straddles ranks.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+
+from precise_lightning.data.sampler import GlobalBatchSampler, ResumableLoader
 
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
@@ -77,11 +79,12 @@ class PromptDataModule(LightningDataModule):
         train_file: ``.txt`` or ``.jsonl`` prompts for training.
         eval_file: held-out prompts; if None, ``eval_fraction`` of the training prompts are held out instead.
         group_size: samples per prompt (G), at least 2 so that advantages are defined.
-        batch_size: images per rank per iteration; a multiple of ``group_size``.
+        batch_size: images per rank per iteration; a multiple of ``group_size``. Each iteration's global batch
+            (``batch_size`` x ranks) is the same prompts however many ranks share it.
         eval_batch_size: eval images per rank per validation batch; a multiple of ``eval_repeats``.
         eval_repeats: images per held-out prompt, each from its own fixed noise.
         eval_fraction: share of ``train_file`` held out when no ``eval_file`` is given.
-        seed: seed of that split.
+        seed: seed of that split and of the training prompt order (epoch ``e`` is shuffled with ``seed + e``).
     """
 
     def __init__(
@@ -126,13 +129,14 @@ class PromptDataModule(LightningDataModule):
                 f"prompts (batch_size {batch_size} / group_size {group_size}): add prompts or lower batch_size"
             )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         hp = self.hparams
-        return DataLoader(
+        ranks = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        sampler = GlobalBatchSampler(len(self.train_records), hp.batch_size // hp.group_size, seed=hp.seed, **ranks)
+        return ResumableLoader(
             PromptDataset(self.train_records),
             batch_size=hp.batch_size // hp.group_size,
-            shuffle=True,
-            drop_last=True,
+            sampler=sampler,
             collate_fn=GroupCollate(hp.group_size),
             num_workers=hp.num_workers,
         )

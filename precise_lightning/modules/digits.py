@@ -79,6 +79,7 @@ class DigitsPolicy(Policy):
     """
 
     latent_shape = (1, 8, 8)
+    shard_blocks = ("inp", "mid1", "mid2", "out")
 
     def __init__(
         self,

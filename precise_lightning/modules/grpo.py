@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -12,15 +13,19 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
 from precise_lightning.modules.losses import group_advantages, grpo_guard_log_ratio, kl_to_reference, ppo_policy_loss
+from precise_lightning.hub import Dtype
 from precise_lightning.modules.policy import Policy, slice_cond
-from precise_lightning.sampling import Sampler, Trajectory, velocity_gain
+from precise_lightning.modules.run_state import all_ranks, derived_seed, rng_states, set_rng_states, signature_differences
+from precise_lightning.modules.sharding import data_parallel_mesh, shard_policy
+from precise_lightning.sampling import PerSample, Sampler, Trajectory, velocity_gain
 
 # Extremes, not means, are what matter for these diagnostics (ratio_drift_first must be exactly 0).
 _REDUCE = {"ratio_max": torch.amax, "ratio_max_dev": torch.amax, "ratio_drift_first": torch.amax, "ratio_min": torch.amin}
@@ -46,6 +51,14 @@ class GRPOModule(LightningModule):
         max_grad_norm: gradient clipping by total norm (None disables it).
         ratio_norm: GRPO-Guard ratio normalisation (DESIGN section 6).
         eval_seed: seed of evaluation noise, per prompt, so evaluation images are comparable across runs.
+        max_bad_iterations: consecutive iterations whose update was skipped for non-finite values (velocities,
+            log-probs, rewards or gradients) after which training stops with an error; checkpoints never hold
+            a skipped update, so the last one is the last good state.
+        shard_param_dtype: under ``ModelParallelStrategy`` (FSDP2), the dtype the sharded denoiser computes in
+            (``bfloat16``: the published recipes); gradients are always reduced in float32.
+
+    Rollout noise is drawn per sample from a seed derived from the run's seed, the rollout number and the sample
+    id, so it is the same however the batch is split over processes and micro-batches, and after a restart.
     """
 
     def __init__(
@@ -65,6 +78,8 @@ class GRPOModule(LightningModule):
         max_grad_norm: float | None = 1.0,
         ratio_norm: bool = False,
         eval_seed: int = 0,
+        max_bad_iterations: int = 3,
+        shard_param_dtype: Dtype = "bfloat16",
     ) -> None:
         super().__init__()
         self.sampler = sampler if sampler is not None else Sampler()
@@ -83,6 +98,7 @@ class GRPOModule(LightningModule):
             (micro_batch_size is None or micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {micro_batch_size}"),
             (updates_per_rollout >= 1, f"updates_per_rollout must be >= 1, got {updates_per_rollout}"),
             (max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be > 0 or null, got {max_grad_norm}"),
+            (max_bad_iterations >= 1, f"max_bad_iterations must be >= 1, got {max_bad_iterations}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -97,30 +113,70 @@ class GRPOModule(LightningModule):
         self.eval_reward = MeanMetric()
         self.eval_components = nn.ModuleDict()  # one MeanMetric per reward component, made in setup
         self.eval_metrics = nn.ModuleDict()  # one MeanMetric per held-out metric, made in setup
+        self.seed = 0  # the run's seed, agreed by all ranks in setup and restored from checkpoints
+        self.rollouts = 0  # iterations done; with the seed it keys each rollout's noise
+        self.skipped = 0  # updates skipped for non-finite values, in total
+        self.bad_in_a_row = 0
+        self._skipped_now = False  # this iteration skipped an update
+        self._current_phase = ""
 
     # ---- set-up -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.scorer = find_reward_scorer(self.trainer)
         self.eval_components = nn.ModuleDict({name: MeanMetric() for name in self.scorer.rewards})
         self.eval_metrics = nn.ModuleDict({name: MeanMetric() for name in self.scorer.metrics})
+        if self.trainer.precision in ("16-mixed", "16-true"):
+            raise ValueError("float16 precision is not supported (no loss scaling in the manual update): use bf16-mixed")
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
         if stage == "fit" and batch_size:
             self._micro_slices(batch_size)  # fail before the first rollout, not inside it
+        # seed_everything seeds every rank alike; without it rank 0's random seed is shared (checkpoints restore it)
+        self.seed = self.trainer.strategy.broadcast(torch.initial_seed() % 2**62)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2 over every rank, one shard unit per denoiser block."""
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            mesh = data_parallel_mesh(self.trainer.strategy.device_mesh)
+            shard_policy(self.policy, mesh, getattr(torch, self.hparams.shard_param_dtype), torch.float32)
 
     # Frozen weights (text encoders, VAE, the base under LoRA, a KL reference copy) are rebuilt from their source at
-    # start-up; checkpoints keep what trains (an SD3.5 checkpoint would otherwise carry T5-XXL every time).
+    # start-up; checkpoints keep what trains (an SD3.5 checkpoint would otherwise carry T5-XXL every time). Sharded
+    # checkpoints keep everything: the distributed checkpoint loader reads every key of the model.
     def _frozen_keys(self) -> set[str]:
         trainable = {f"policy.{n}" for n, _ in self.policy.named_trainable_parameters()}
         return {k for k in self.state_dict() if k.startswith("policy.") and k not in trainable}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        frozen = self._frozen_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            frozen = self._frozen_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["grpo"] = {
+            "policy": self.policy.signature(),
+            "seed": self.seed,
+            "rollouts": self.rollouts,
+            "skipped": self.skipped,
+            "bad_in_a_row": self.bad_in_a_row,
+            "rng": all_ranks(rng_states()),  # every rank's, each restores its own
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        current = self.state_dict()
-        for key in self._frozen_keys() - set(checkpoint["state_dict"]):  # strict loading still checks the rest
-            checkpoint["state_dict"][key] = current[key]
+        state = checkpoint.get("grpo", {})
+        if "policy" in state and (diff := signature_differences(state["policy"], self.policy.signature())):
+            raise ValueError("the checkpoint was made for another policy configuration and cannot be resumed with "
+                             "this one:\n  " + "\n  ".join(diff) + "\nuse the config it was trained with, or start afresh")
+        if "state_dict" in checkpoint and not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            current = self.state_dict()
+            for key in self._frozen_keys() - set(checkpoint["state_dict"]):  # strict loading still checks the rest
+                checkpoint["state_dict"][key] = current[key]
+        if state:
+            self.seed, self.rollouts = state["seed"], state["rollouts"]
+            self.skipped, self.bad_in_a_row = state["skipped"], state["bad_in_a_row"]
+            if len(state["rng"]) == self.trainer.world_size:
+                set_rng_states(state["rng"][self.global_rank])
+            else:
+                warnings.warn(f"the checkpoint holds RNG states of {len(state['rng'])} processes, this run has "
+                              f"{self.trainer.world_size}: global RNGs are not restored (rollout noise does not "
+                              "depend on them)", stacklevel=1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(self.policy.trainable_parameters())
@@ -138,7 +194,7 @@ class GRPOModule(LightningModule):
 
     @torch.no_grad()
     def rollout(
-        self, cond: Any, noise: Tensor, slices: list[slice], generator: torch.Generator | None
+        self, cond: Any, noise: Tensor, slices: list[slice], generator: PerSample | torch.Generator | None
     ) -> tuple[list[Trajectory], Tensor]:
         """Trajectories per micro-batch (the same split the update uses) and the decoded images [B, C, H, W]."""
         trajectories = []
@@ -148,45 +204,112 @@ class GRPOModule(LightningModule):
                 self.sampler.sample(
                     lambda x, t, cond_s=cond_s: self.policy.velocity(x, t, cond_s),
                     noise[s],
-                    generator=generator,
+                    generator=generator[s] if isinstance(generator, PerSample) else generator,
                     keep_means=self.hparams.ratio_norm,
                 )
             )
         images = self.policy.decode(torch.cat([traj.latents[-1] for traj in trajectories]))
         return trajectories, images
 
-    def _rollout_generator(self) -> torch.Generator:
-        seed = int(torch.randint(2**31 - 1, ())) + 7919 * self.global_rank  # default RNG: seeded by seed_everything
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def _sample_generators(self, sample_ids: Tensor) -> PerSample:
+        """One generator per sample, seeded by (run seed, rollout, sample id): independent of ranks and restarts."""
+        return PerSample([
+            torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, self.rollouts, 0, int(i)))
+            for i in sample_ids
+        ])
 
     # ---- training ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         prompts, group_ids = batch["prompts"], batch["group_ids"]
         slices = self._micro_slices(len(prompts))
-        with self._phase("encode"):
-            cond = self.policy.encode(prompts)
-        with self._phase("rollout"):
-            generator = self._rollout_generator()
-            noise = torch.randn(len(prompts), *self.policy.latent_shape, generator=generator, device=self.device)
-            trajectories, images = self.rollout(cond, noise, slices, generator)
-        with self._phase("reward"):
-            rewards, components = self.scorer.score(images, prompts)
-            global_std = None
-            if self.hparams.std_scope == "global":
-                global_std = self.all_gather(rewards).reshape(-1).float().std(unbiased=False)
-            advantages = group_advantages(
-                rewards, group_ids, self.hparams.std_scope, self.hparams.adv_clip_max, global_std=global_std
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            with self._phase("encode"):
+                cond = self.policy.encode(prompts)
+            with self._phase("rollout"):
+                generator = self._sample_generators(batch["sample_ids"])
+                noise = generator.randn((len(prompts), *self.policy.latent_shape), torch.float32, self.device)
+                trajectories, images = self.rollout(cond, noise, slices, generator)
+            with self._phase("reward"):
+                rewards, components = self.scorer.score(images, prompts)
+                advantages, flat_groups = self._advantages(rewards, group_ids)
+            stats: dict[str, list[Tensor]] = defaultdict(list)
+            if self._finite_rollout(trajectories, rewards):
+                with self._phase("update"):
+                    stats = self.update(trajectories, cond, slices, advantages)
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(self._oom_advice(len(prompts))) from err
+        self.rollouts += 1
+        self._check_bad_streak()
+        self._log_train(rewards, components, advantages, flat_groups, stats, time.perf_counter() - start)
+
+    def _advantages(self, rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Group advantages [B] and the number of groups whose rewards are all equal (no signal, advantage 0)."""
+        global_std = None
+        if self.hparams.std_scope == "global":
+            global_std = self.all_gather(rewards).reshape(-1).float().std(unbiased=False)
+        advantages = group_advantages(
+            rewards, group_ids, self.hparams.std_scope, self.hparams.adv_clip_max, global_std=global_std
+        )
+        _, inverse = torch.unique(group_ids, return_inverse=True)
+        first = rewards.new_zeros(int(inverse.max()) + 1).scatter_(0, inverse, rewards)  # one member's reward
+        differing = torch.unique(inverse[rewards != first[inverse]]).numel()
+        return advantages, torch.tensor(float(len(first) - differing), device=rewards.device)
+
+    def _finite_rollout(self, trajectories: list[Trajectory], rewards: Tensor) -> bool:
+        """False (on every rank alike) when any rank's rollout has non-finite latents, log-probs or rewards."""
+        checks = {
+            "latents (velocities)": all(torch.isfinite(t.latents[-1]).all() for t in trajectories),
+            "log-probs": all(torch.isfinite(t.log_probs).all() for t in trajectories),
+            "rewards": bool(torch.isfinite(rewards).all()),
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if not self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            return True
+        self._skip(f"non-finite {', '.join(bad) or 'values on another rank'} in rollout {self.rollouts}")
+        return False
+
+    def _skip(self, reason: str) -> None:
+        self.skipped += 1
+        self._skipped_now = True
+        warnings.warn(f"update skipped: {reason} ({self.skipped} skipped so far)", RuntimeWarning, stacklevel=2)
+
+    def _check_bad_streak(self) -> None:
+        self.bad_in_a_row = self.bad_in_a_row + 1 if self._skipped_now else 0
+        self._skipped_now = False
+        if self.bad_in_a_row >= self.hparams.max_bad_iterations:
+            raise RuntimeError(
+                f"{self.bad_in_a_row} iterations in a row had non-finite velocities, log-probs, rewards or gradients "
+                f"(model.max_bad_iterations = {self.hparams.max_bad_iterations}); training stopped. The weights were "
+                "never updated from them: the last checkpoint is good. Lower the learning rate, check the reward "
+                "models on these prompts, or try precision 32-true to find the source."
             )
-        with self._phase("update"):
-            stats = self.update(trajectories, cond, slices, advantages)
-        self._log_train(rewards, components, advantages, stats)
+
+    def _oom_advice(self, batch_size: int) -> str:
+        hp = self.hparams
+        sharded = isinstance(self.trainer.strategy, ModelParallelStrategy)
+        knobs = [
+            f"lower model.micro_batch_size (now {hp.micro_batch_size or batch_size} of data.batch_size {batch_size}; "
+            "rollout and update both run one micro-batch at a time)",
+            "turn on model.policy.init_args.gradient_checkpointing (recomputes activations in the backward pass)",
+            "use LoRA (model.policy.init_args.lora_rank > 0) instead of full fine-tuning" if not self.policy.lora_rank
+            else "lower model.policy.init_args.lora_rank",
+        ]
+        if not sharded:
+            knobs.append("shard the denoiser with trainer.strategy: lightning.pytorch.strategies.ModelParallelStrategy "
+                         "(FSDP2; README: Scale)")
+        return f"out of memory during the {self._current_phase} phase. To use less memory:\n  - " + "\n  - ".join(knobs)
 
     def trained_steps(self, sde_steps: list[int]) -> list[int]:
-        """The stochastic steps trained this iteration: all, or a random subset of ``train_fraction`` of them."""
+        """The stochastic steps trained this iteration: all, or a random subset of ``train_fraction`` of them
+        (the same on every rank: drawn from the rollout's seed)."""
         k = math.ceil(self.hparams.train_fraction * len(sde_steps))
         if k == len(sde_steps):
             return list(sde_steps)
-        picked = torch.randperm(len(sde_steps))[:k].sort().values
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.rollouts, 1))
+        picked = torch.randperm(len(sde_steps), generator=generator)[:k].sort().values
         return [sde_steps[i] for i in picked.tolist()]
 
     def update(
@@ -194,7 +317,8 @@ class GRPOModule(LightningModule):
     ) -> dict[str, list[Tensor]]:
         """PPO updates over the stored rollout; backward per (micro-batch, step) to bound memory.
 
-        Diagnostics stay detached tensors (no host sync per backward) and are reduced once when logged.
+        Diagnostics stay detached tensors (no host sync per backward) and are reduced once when logged. An
+        optimizer step whose gradient norm (of the whole model, under sharding too) is not finite is skipped.
         """
         hp = self.hparams
         opt = self.optimizers()
@@ -218,13 +342,23 @@ class GRPOModule(LightningModule):
                             stats[key].append(value)
                         if first_update:
                             stats["ratio_drift_first"].append(out["ratio_max_dev"])
-                stats["grad_norm"].append(grad_norm(self.policy, norm_type=2)["grad_2.0_norm_total"])
-                if hp.max_grad_norm is not None:
-                    self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-                opt.step()
+                norm = self._clip_gradients()
+                stats["grad_norm"].append(norm)
+                if torch.isfinite(norm):
+                    opt.step()
+                else:
+                    self._skip(f"non-finite gradient norm in rollout {self.rollouts}")
                 opt.zero_grad(set_to_none=True)
                 first_update = False
         return stats
+
+    def _clip_gradients(self) -> Tensor:
+        """Total gradient norm of the trainable weights (of the whole model: sharded norms are combined), clipped
+        to ``max_grad_norm``."""
+        params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
+        limit = self.hparams.max_grad_norm if self.hparams.max_grad_norm is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def _grad_sync(self, sync: bool) -> Any:
         """All-reduce gradients only on an accumulation group's last backward (Lightning syncs every manual one)."""
@@ -298,6 +432,7 @@ class GRPOModule(LightningModule):
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        self._current_phase = name
         sync()
         start = time.perf_counter()
         yield
@@ -305,7 +440,8 @@ class GRPOModule(LightningModule):
         self.log(f"time/{name}_s", time.perf_counter() - start, on_step=True)
 
     def _log_train(
-        self, rewards: Tensor, components: dict[str, Tensor], advantages: Tensor, stats: dict[str, list[Tensor]]
+        self, rewards: Tensor, components: dict[str, Tensor], advantages: Tensor, flat_groups: Tensor,
+        stats: dict[str, list[Tensor]], seconds: float,
     ) -> None:
         batch_size = len(rewards)
         log = dict(on_step=True, batch_size=batch_size)
@@ -315,5 +451,12 @@ class GRPOModule(LightningModule):
             self.log(f"train/reward/{name}", value.mean(), sync_dist=True, **log)
             self.log(f"train/reward/{name}_std", value.std(unbiased=False), **log)
         self.log("train/zero_advantage_fraction", (advantages == 0).float().mean(), **log)
+        self.log("train/flat_groups", flat_groups, reduce_fx="sum", sync_dist=True, **log)  # all rewards equal
+        self.log("train/skipped_updates", float(self.skipped), **log)
         for key, values in stats.items():
             self.log(f"train/{key}", _REDUCE.get(key, torch.mean)(torch.stack(values).float()), **log)
+        self.log("perf/s_per_rollout", seconds, prog_bar=True, **log)
+        self.log("perf/images_per_s", batch_size * self.trainer.world_size / seconds, **log)
+        if self.device.type == "cuda":
+            self.log("perf/peak_memory_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, reduce_fx="max",
+                     sync_dist=True, **log)

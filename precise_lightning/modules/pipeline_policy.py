@@ -23,6 +23,7 @@ class PipelinePolicy(Policy):
     """
 
     frozen: tuple[str, ...]
+    shard_blocks = ("transformer_blocks", "single_transformer_blocks")
 
     def __init__(
         self,
@@ -49,11 +50,15 @@ class PipelinePolicy(Policy):
         for component in self.frozen:  # registered here so that Lightning moves them with the policy
             setattr(self, component, getattr(pipe, component).eval().requires_grad_(False))
         self.pipeline = pipe  # not a module: its own methods act on the components above
+        self.model = model
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
         self._negative: dict[str, Tensor] | None = None
         if gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
         self.attach_denoiser(pipe.transformer)
+
+    def signature(self) -> dict[str, Any]:
+        return super().signature() | {"model": self.model}
 
     def train(self, mode: bool = True) -> PipelinePolicy:
         """Frozen parts stay in eval mode: T5's dropout (rate 0.1 in its config) would otherwise make prompt

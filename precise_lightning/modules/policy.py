@@ -30,6 +30,7 @@ class Policy(nn.Module):
 
     latent_shape: tuple[int, ...]
     pipeline_class: Any = None  # the diffusers pipeline whose save_lora_weights / load_lora_weights fit this model
+    shard_blocks: tuple[str, ...] = ()  # the denoiser's attributes (modules or ModuleLists) FSDP shards one by one
 
     def __init__(self, lora_rank: int = 0, lora_alpha: float | None = None, lora_targets: list[str] | None = None):
         super().__init__()
@@ -59,6 +60,24 @@ class Policy(nn.Module):
 
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def shard_units(self, denoiser: nn.Module) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one: those named in ``shard_blocks`` (a ModuleList gives its items)."""
+        base = denoiser.get_base_model() if self.lora_rank else denoiser
+        blocks: list[nn.Module] = []
+        for name in self.shard_blocks:
+            module = getattr(base, name, None)
+            if module is not None:
+                blocks.extend(module if isinstance(module, nn.ModuleList) else [module])
+        return blocks
+
+    def signature(self) -> dict[str, Any]:
+        """What a checkpoint's trainable weights depend on; a resumed run must match it."""
+        return {
+            "policy": type(self).__name__,
+            "lora": (self.lora_rank, self.lora_alpha, sorted(self.lora_targets or [])),
+            "trainable": {n: tuple(p.shape) for n, p in self.named_trainable_parameters()},
+        }
 
     def save_lora(self, directory: str | Path) -> None:
         """The LoRA adapters in diffusers' format with peft's adapter metadata (without it a loader cannot know

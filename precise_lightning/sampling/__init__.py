@@ -21,7 +21,7 @@ from precise_lightning.sampling.grids import (
     sd3_timesteps,
     shifted_linspace,
 )
-from precise_lightning.sampling.rollout import StepOutput, Trajectory, rollout, sde_step
+from precise_lightning.sampling.rollout import PerSample, StepOutput, Trajectory, rollout, sde_step
 from precise_lightning.sampling.rules import (
     DEFAULT_ETA,
     RULES,
@@ -37,6 +37,7 @@ __all__ = [
     "RULES",
     "Flux2Grid",
     "LinearGrid",
+    "PerSample",
     "SD3Grid",
     "Sampler",
     "StepOutput",

@@ -15,7 +15,30 @@ from torch import Tensor
 from precise_lightning.sampling.rules import RULES, check_rule, gaussian_log_prob, ode
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # (x [B, ...], t 0-d) -> v [B, ...]
-Generators = torch.Generator | Sequence[torch.Generator | None] | None
+
+
+class PerSample:
+    """One generator per batch row: a row's noise does not depend on which rows share its batch, micro-batch or
+    rank, so a rollout split any way over processes draws the same noise."""
+
+    def __init__(self, generators: Sequence[torch.Generator]) -> None:
+        self.generators = list(generators)
+
+    def __getitem__(self, rows: slice) -> PerSample:
+        return PerSample(self.generators[rows])
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """[len(self), *shape[1:]] standard normal; row i from generator i (on its own device)."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} per-sample generators for a batch of {shape[0]}")
+        rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in self.generators]
+        return torch.stack(rows).to(device)
+
+
+Generators = torch.Generator | PerSample | Sequence[torch.Generator | None] | None
 
 
 @dataclass
@@ -36,8 +59,10 @@ class Trajectory:
     means: Tensor | None = None  # [K, B, ...] when requested (KL or ratio normalisation needs them)
 
 
-def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def noise_like(x: Tensor, generator: torch.Generator | PerSample | None) -> Tensor:
     """Standard normal noise shaped like ``x``, drawn on the generator's device so a seed means the same noise."""
+    if isinstance(generator, PerSample):
+        return generator.randn(x.shape, x.dtype, x.device)
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
@@ -50,7 +75,7 @@ def sde_step(
     t_next: Tensor,
     eta: float,
     x_next: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | PerSample | None = None,
     reduce: str = "mean",
     **context,
 ) -> StepOutput:
@@ -64,8 +89,8 @@ def sde_step(
     return StepOutput(x_next, mean, std, gaussian_log_prob(x_next, mean, std, reduce=reduce))
 
 
-def _step_generator(generator: Generators, i: int) -> torch.Generator | None:
-    if generator is None or isinstance(generator, torch.Generator):
+def _step_generator(generator: Generators, i: int) -> torch.Generator | PerSample | None:
+    if generator is None or isinstance(generator, (torch.Generator, PerSample)):
         return generator
     return generator[i]
 
@@ -85,14 +110,15 @@ def rollout(
     """Integrate from ``noise`` (t = 1) along ``timesteps``; steps in ``sde_steps`` use ``rule``, the rest Euler.
 
     ``sde_steps`` defaults to every step but the last, which is always deterministic (x_N = x0_hat) and carries
-    no log-prob. ``generator`` is one generator for the whole rollout or a sequence with one per step.
+    no log-prob. ``generator`` is one generator for the whole rollout, a sequence with one per step, or
+    :class:`PerSample` generators, one per batch row.
     """
     eta = check_rule(rule, eta)
     n = len(timesteps) - 1
     sde_steps = sorted(range(n - 1) if sde_steps is None else sde_steps) if rule != "ode" else []
     if sde_steps and (sde_steps[0] < 0 or sde_steps[-1] >= n - 1):
         raise ValueError(f"stochastic steps must lie in [0, {n - 2}] (the last step is deterministic), got {sde_steps}")
-    if not isinstance(generator, (torch.Generator, type(None))) and len(generator) != n:
+    if not isinstance(generator, (torch.Generator, PerSample, type(None))) and len(generator) != n:
         raise ValueError(f"got {len(generator)} generators for {n} steps; pass one per step or a single one")
     times = timesteps.to(device=noise.device, dtype=noise.dtype)
     stochastic = set(sde_steps)
