@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
@@ -32,6 +33,9 @@ class EMA(Callback):
 
     def _params(self, pl_module: LightningModule) -> dict[str, torch.nn.Parameter]:
         """The trainable weights, with each shadow laid out like its weight (device, and shards under FSDP2)."""
+        for module in pl_module.policy.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()  # FSDP2 leaves the root's weights gathered after a forward without backward
         params = dict(pl_module.policy.named_trainable_parameters())
         for name, p in params.items():
             s = self.shadow.get(name)

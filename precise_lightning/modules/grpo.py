@@ -27,8 +27,8 @@ from precise_lightning.modules.run_state import all_ranks, derived_seed, rng_sta
 from precise_lightning.modules.sharding import data_parallel_mesh, shard_policy
 from precise_lightning.sampling import PerSample, Sampler, Trajectory, velocity_gain
 
-# Extremes, not means, are what matter for these diagnostics (ratio_drift_first must be exactly 0).
-_REDUCE = {"ratio_max": torch.amax, "ratio_max_dev": torch.amax, "ratio_drift_first": torch.amax, "ratio_min": torch.amin}
+# Extremes, not means, are what matter for these diagnostics (ratio_drift_first must be exactly 0); over ranks too.
+_REDUCE = {"ratio_max": "max", "ratio_max_dev": "max", "ratio_drift_first": "max", "ratio_min": "min"}
 
 
 class GRPOModule(LightningModule):
@@ -323,8 +323,9 @@ class GRPOModule(LightningModule):
         hp = self.hparams
         opt = self.optimizers()
         steps = self.trained_steps(trajectories[0].sde_steps)
-        per_update = len(slices) // hp.updates_per_rollout
-        groups = [range(g * per_update, (g + 1) * per_update) for g in range(hp.updates_per_rollout)]
+        # Update k takes micro-batches k, k + U, ...: every rank holds a whole number of update strides, so each
+        # optimizer step sees the same samples however many ranks share the global batch.
+        groups = [range(k, len(slices), hp.updates_per_rollout) for k in range(hp.updates_per_rollout)]
         times = self.sampler.timesteps
         stats: dict[str, list[Tensor]] = defaultdict(list)
         first_update = True
@@ -446,15 +447,17 @@ class GRPOModule(LightningModule):
         batch_size = len(rewards)
         log = dict(on_step=True, batch_size=batch_size)
         self.log("train/reward", rewards.mean(), prog_bar=True, sync_dist=True, **log)
-        self.log("train/reward_std", rewards.std(unbiased=False), **log)
+        self.log("train/reward_std", self.all_gather(rewards).float().std(unbiased=False), **log)  # over all ranks
         for name, value in components.items():
             self.log(f"train/reward/{name}", value.mean(), sync_dist=True, **log)
-            self.log(f"train/reward/{name}_std", value.std(unbiased=False), **log)
-        self.log("train/zero_advantage_fraction", (advantages == 0).float().mean(), **log)
+            self.log(f"train/reward/{name}_std", self.all_gather(value).float().std(unbiased=False), **log)
+        self.log("train/zero_advantage_fraction", (advantages == 0).float().mean(), sync_dist=True, **log)
         self.log("train/flat_groups", flat_groups, reduce_fx="sum", sync_dist=True, **log)  # all rewards equal
         self.log("train/skipped_updates", float(self.skipped), **log)
         for key, values in stats.items():
-            self.log(f"train/{key}", _REDUCE.get(key, torch.mean)(torch.stack(values).float()), **log)
+            reduce = _REDUCE.get(key, "mean")
+            value = getattr(torch, reduce)(torch.stack(values).float())
+            self.log(f"train/{key}", value, reduce_fx=reduce, sync_dist=True, **log)  # the whole batch's value
         self.log("perf/s_per_rollout", seconds, prog_bar=True, **log)
         self.log("perf/images_per_s", batch_size * self.trainer.world_size / seconds, **log)
         if self.device.type == "cuda":
