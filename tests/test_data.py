@@ -123,7 +123,7 @@ def test_loader_resumes_mid_epoch_and_only_in_that_epoch(tmp_path):
 
 def test_too_few_prompts_for_all_ranks(tmp_path):
     train = _write(tmp_path, "t.txt", [f"prompt {i}" for i in range(5)])
-    with pytest.raises(ValueError, match=r"5 training prompts cannot fill one global batch of 6 prompts \(2 per rank x 3"):
+    with pytest.raises(ValueError, match=r"5 training prompts cannot fill one global batch of 6 prompts \(2 per rank"):
         _rank_loaders(train, 3)
 
 

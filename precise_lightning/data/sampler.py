@@ -23,8 +23,8 @@ class GlobalBatchSampler(DistributedSampler):
         per_step = prompts_per_rank * num_replicas
         if num_prompts < per_step:
             raise ValueError(
-                f"{num_prompts} training prompts cannot fill one global batch of {per_step} prompts ({prompts_per_rank} "
-                f"per rank x {num_replicas} ranks): add prompts, lower data.batch_size or use fewer processes"
+                f"{num_prompts} training prompts cannot fill one global batch of {per_step} prompts "
+                f"({prompts_per_rank} per rank x {num_replicas} ranks): add prompts, lower data.batch_size or use fewer processes"
             )
         super().__init__(range(num_prompts), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.prompts_per_rank = prompts_per_rank

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -20,10 +19,24 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
-from precise_lightning.modules.losses import group_advantages, grpo_guard_log_ratio, kl_to_reference, ppo_policy_loss
 from precise_lightning.hub import Dtype
+from precise_lightning.modules.checks import micro_slices
+from precise_lightning.modules.guard import NonFiniteGuard, non_finite_parts, oom_advice
+from precise_lightning.modules.losses import (
+    flat_groups,
+    group_advantages,
+    grpo_guard_log_ratio,
+    kl_to_reference,
+    ppo_policy_loss,
+)
 from precise_lightning.modules.policy import Policy, slice_cond
-from precise_lightning.modules.run_state import all_ranks, derived_seed, rng_states, set_rng_states, signature_differences
+from precise_lightning.modules.run_state import (
+    all_ranks,
+    derived_seed,
+    restore_rng_states,
+    rng_states,
+    signature_differences,
+)
 from precise_lightning.modules.sharding import data_parallel_mesh, shard_policy
 from precise_lightning.sampling import PerSample, Sampler, Trajectory, velocity_gain
 
@@ -115,9 +128,7 @@ class GRPOModule(LightningModule):
         self.eval_metrics = nn.ModuleDict()  # one MeanMetric per held-out metric, made in setup
         self.seed = 0  # the run's seed, agreed by all ranks in setup and restored from checkpoints
         self.rollouts = 0  # iterations done; with the seed it keys each rollout's noise
-        self.skipped = 0  # updates skipped for non-finite values, in total
-        self.bad_in_a_row = 0
-        self._skipped_now = False  # this iteration skipped an update
+        self.guard = NonFiniteGuard(max_bad_iterations)
         self._current_phase = ""
 
     # ---- set-up -----------------------------------------------------------------------------------------------
@@ -126,7 +137,7 @@ class GRPOModule(LightningModule):
         self.eval_components = nn.ModuleDict({name: MeanMetric() for name in self.scorer.rewards})
         self.eval_metrics = nn.ModuleDict({name: MeanMetric() for name in self.scorer.metrics})
         if self.trainer.precision in ("16-mixed", "16-true"):
-            raise ValueError("float16 precision is not supported (no loss scaling in the manual update): use bf16-mixed")
+            raise ValueError("float16 precision is not supported (the update has no loss scaling): use bf16-mixed")
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
         if stage == "fit" and batch_size:
             self._micro_slices(batch_size)  # fail before the first rollout, not inside it
@@ -154,14 +165,14 @@ class GRPOModule(LightningModule):
             "policy": self.policy.signature(),
             "seed": self.seed,
             "rollouts": self.rollouts,
-            "skipped": self.skipped,
-            "bad_in_a_row": self.bad_in_a_row,
+            "guard": self.guard.state_dict(),
             "rng": all_ranks(rng_states()),  # every rank's, each restores its own
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("grpo", {})
-        if "policy" in state and (diff := signature_differences(state["policy"], self.policy.signature())):
+        diff = signature_differences(state["policy"], self.policy.signature()) if "policy" in state else []
+        if diff:
             raise ValueError("the checkpoint was made for another policy configuration and cannot be resumed with "
                              "this one:\n  " + "\n  ".join(diff) + "\nuse the config it was trained with, or start afresh")
         if "state_dict" in checkpoint and not isinstance(self.trainer.strategy, ModelParallelStrategy):
@@ -170,27 +181,15 @@ class GRPOModule(LightningModule):
                 checkpoint["state_dict"][key] = current[key]
         if state:
             self.seed, self.rollouts = state["seed"], state["rollouts"]
-            self.skipped, self.bad_in_a_row = state["skipped"], state["bad_in_a_row"]
-            if len(state["rng"]) == self.trainer.world_size:
-                set_rng_states(state["rng"][self.global_rank])
-            else:
-                warnings.warn(f"the checkpoint holds RNG states of {len(state['rng'])} processes, this run has "
-                              f"{self.trainer.world_size}: global RNGs are not restored (rollout noise does not "
-                              "depend on them)", stacklevel=1)
+            self.guard.load_state_dict(state["guard"])
+            restore_rng_states(state["rng"], self.global_rank)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(self.policy.trainable_parameters())
 
     # ---- rollout ----------------------------------------------------------------------------------------------
     def _micro_slices(self, batch_size: int) -> list[slice]:
-        """Equal micro-batches (equal loss weights per sample), a whole number per optimizer step."""
-        micro, updates = self.hparams.micro_batch_size or batch_size, self.hparams.updates_per_rollout
-        if batch_size % micro or (batch_size // micro) % updates:
-            raise ValueError(
-                f"data.batch_size ({batch_size}) must split into micro-batches of {micro} (model.micro_batch_size) "
-                f"whose number is a multiple of model.updates_per_rollout ({updates})"
-            )
-        return [slice(i, i + micro) for i in range(0, batch_size, micro)]
+        return micro_slices(batch_size, self.hparams.micro_batch_size, self.hparams.updates_per_rollout)
 
     @torch.no_grad()
     def rollout(
@@ -240,67 +239,32 @@ class GRPOModule(LightningModule):
                 with self._phase("update"):
                     stats = self.update(trajectories, cond, slices, advantages)
         except torch.OutOfMemoryError as err:
-            raise torch.OutOfMemoryError(self._oom_advice(len(prompts))) from err
+            sharded = isinstance(self.trainer.strategy, ModelParallelStrategy)
+            micro = self.hparams.micro_batch_size or len(prompts)
+            raise torch.OutOfMemoryError(
+                oom_advice(self._current_phase, len(prompts), micro, self.policy.lora_rank, sharded)
+            ) from err
         self.rollouts += 1
-        self._check_bad_streak()
+        self.guard.end_iteration()
         self._log_train(rewards, components, advantages, flat_groups, stats, time.perf_counter() - start)
 
     def _advantages(self, rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Group advantages [B] and the number of groups whose rewards are all equal (no signal, advantage 0)."""
+        """Group advantages [B] and the number of groups whose rewards are all equal (advantage 0: no signal)."""
         global_std = None
         if self.hparams.std_scope == "global":
             global_std = self.all_gather(rewards).reshape(-1).float().std(unbiased=False)
         advantages = group_advantages(
             rewards, group_ids, self.hparams.std_scope, self.hparams.adv_clip_max, global_std=global_std
         )
-        _, inverse = torch.unique(group_ids, return_inverse=True)
-        first = rewards.new_zeros(int(inverse.max()) + 1).scatter_(0, inverse, rewards)  # one member's reward
-        differing = torch.unique(inverse[rewards != first[inverse]]).numel()
-        return advantages, torch.tensor(float(len(first) - differing), device=rewards.device)
+        return advantages, flat_groups(rewards, group_ids)
 
     def _finite_rollout(self, trajectories: list[Trajectory], rewards: Tensor) -> bool:
         """False (on every rank alike) when any rank's rollout has non-finite latents, log-probs or rewards."""
-        checks = {
-            "latents (velocities)": all(torch.isfinite(t.latents[-1]).all() for t in trajectories),
-            "log-probs": all(torch.isfinite(t.log_probs).all() for t in trajectories),
-            "rewards": bool(torch.isfinite(rewards).all()),
-        }
-        bad = [name for name, ok in checks.items() if not ok]
+        bad = non_finite_parts(trajectories, rewards)
         if not self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
             return True
-        self._skip(f"non-finite {', '.join(bad) or 'values on another rank'} in rollout {self.rollouts}")
+        self.guard.skip(f"non-finite {', '.join(bad) or 'values on another rank'} in rollout {self.rollouts}")
         return False
-
-    def _skip(self, reason: str) -> None:
-        self.skipped += 1
-        self._skipped_now = True
-        warnings.warn(f"update skipped: {reason} ({self.skipped} skipped so far)", RuntimeWarning, stacklevel=2)
-
-    def _check_bad_streak(self) -> None:
-        self.bad_in_a_row = self.bad_in_a_row + 1 if self._skipped_now else 0
-        self._skipped_now = False
-        if self.bad_in_a_row >= self.hparams.max_bad_iterations:
-            raise RuntimeError(
-                f"{self.bad_in_a_row} iterations in a row had non-finite velocities, log-probs, rewards or gradients "
-                f"(model.max_bad_iterations = {self.hparams.max_bad_iterations}); training stopped. The weights were "
-                "never updated from them: the last checkpoint is good. Lower the learning rate, check the reward "
-                "models on these prompts, or try precision 32-true to find the source."
-            )
-
-    def _oom_advice(self, batch_size: int) -> str:
-        hp = self.hparams
-        sharded = isinstance(self.trainer.strategy, ModelParallelStrategy)
-        knobs = [
-            f"lower model.micro_batch_size (now {hp.micro_batch_size or batch_size} of data.batch_size {batch_size}; "
-            "rollout and update both run one micro-batch at a time)",
-            "turn on model.policy.init_args.gradient_checkpointing (recomputes activations in the backward pass)",
-            "use LoRA (model.policy.init_args.lora_rank > 0) instead of full fine-tuning" if not self.policy.lora_rank
-            else "lower model.policy.init_args.lora_rank",
-        ]
-        if not sharded:
-            knobs.append("shard the denoiser with trainer.strategy: lightning.pytorch.strategies.ModelParallelStrategy "
-                         "(FSDP2; README: Scale)")
-        return f"out of memory during the {self._current_phase} phase. To use less memory:\n  - " + "\n  - ".join(knobs)
 
     def trained_steps(self, sde_steps: list[int]) -> list[int]:
         """The stochastic steps trained this iteration: all, or a random subset of ``train_fraction`` of them
@@ -348,7 +312,7 @@ class GRPOModule(LightningModule):
                 if torch.isfinite(norm):
                     opt.step()
                 else:
-                    self._skip(f"non-finite gradient norm in rollout {self.rollouts}")
+                    self.guard.skip(f"non-finite gradient norm in rollout {self.rollouts}")
                 opt.zero_grad(set_to_none=True)
                 first_update = False
         return stats
@@ -453,7 +417,7 @@ class GRPOModule(LightningModule):
             self.log(f"train/reward/{name}_std", self.all_gather(value).float().std(unbiased=False), **log)
         self.log("train/zero_advantage_fraction", (advantages == 0).float().mean(), sync_dist=True, **log)
         self.log("train/flat_groups", flat_groups, reduce_fx="sum", sync_dist=True, **log)  # all rewards equal
-        self.log("train/skipped_updates", float(self.skipped), **log)
+        self.log("train/skipped_updates", float(self.guard.skipped), **log)
         for key, values in stats.items():
             reduce = _REDUCE.get(key, "mean")
             value = getattr(torch, reduce)(torch.stack(values).float())

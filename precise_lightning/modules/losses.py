@@ -35,6 +35,14 @@ def group_advantages(
     return (centred / (std + eps)).clamp(-clip, clip)
 
 
+def flat_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """Number of groups whose rewards are all equal (their advantages are 0: no signal); [B], [B] -> 0-d float."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    first = rewards.new_zeros(int(inverse.max()) + 1).scatter_(0, inverse, rewards)  # one member's reward per group
+    differing = torch.unique(inverse[rewards != first[inverse]]).numel()
+    return torch.tensor(float(len(first) - differing), device=rewards.device)
+
+
 @dataclass
 class PolicyLossOutput:
     loss: Tensor  # scalar PPO-clipped policy loss, with graph

@@ -3,6 +3,7 @@ process's global RNG states, and a check that a checkpoint fits the configured p
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,17 @@ def set_rng_states(states: dict[str, Any]) -> None:
     _set_rng_states(states)
 
 
+def restore_rng_states(per_rank: list[dict[str, Any]], rank: int) -> None:
+    """Restore this rank's RNG states from a checkpoint's list of every rank's."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if len(per_rank) != world:
+        warnings.warn(f"the checkpoint holds the RNG states of {len(per_rank)} processes and this run has {world}: "
+                      "global RNGs are not restored (rollout noise and prompt order do not depend on them)",
+                      stacklevel=2)
+        return
+    set_rng_states(per_rank[rank])
+
+
 def all_ranks(value: Any) -> list[Any]:
     """``value`` from every rank, in rank order (a collective: every rank must call it)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -48,8 +60,9 @@ def signature_differences(saved: dict[str, Any], current: dict[str, Any]) -> lis
            for key in sorted(set(saved) | set(current)) if key != "trainable" and saved.get(key) != current.get(key)]
     old, new = saved.get("trainable", {}), current.get("trainable", {})
     changed = [n for n in old.keys() & new.keys() if tuple(old[n]) != tuple(new[n])]
-    for label, names in (("only in the checkpoint", old.keys() - new.keys()), ("only in the config", new.keys() - old.keys()),
-                         ("of another shape", changed)):
+    kinds = {"only in the checkpoint": old.keys() - new.keys(), "only in the config": new.keys() - old.keys(),
+             "of another shape": changed}
+    for label, names in kinds.items():
         if names:
             out.append(f"{len(names)} trainable tensors {label}, e.g. {sorted(names)[0]}")
     return out
