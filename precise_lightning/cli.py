@@ -13,6 +13,7 @@ from precise_lightning.callbacks import EMA, RewardScorer
 from precise_lightning.data import PromptDataModule
 from precise_lightning.hub import set_model_root
 from precise_lightning.modules import GRPOModule
+from precise_lightning.modules.checks import micro_slices
 
 
 class GRPOCLI(LightningCLI):
@@ -30,6 +31,9 @@ class GRPOCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         set_model_root(self._get(self.config, "model_root"))
+        model, data = self._get(self.config, "model"), self._get(self.config, "data")
+        if data.group_size and data.batch_size % data.group_size == 0:  # else the DataModule says what is wrong
+            micro_slices(data.batch_size, model.micro_batch_size, model.updates_per_rollout)  # before models load
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

@@ -141,6 +141,22 @@ def test_recipe_trains_two_iterations_and_its_lora_loads_into_a_stock_pipeline(t
 
 
 @MODELS
+def test_recipe_runs_in_bf16_mixed_with_ratio_exactly_one(tmp_path, model_root, m):
+    """Rollout and re-scoring compute identically under autocast; log-probs stay float32."""
+    run = cli.main(_recipe(m, tmp_path, "--model_root", str(model_root), "--trainer.precision", "bf16-mixed",
+                           "--trainer.max_steps", "2"), run=False)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    metrics = run.trainer.callback_metrics
+    assert metrics["train/ratio_drift_first"] == 0 and math.isfinite(metrics["train/grad_norm"])
+    policy = run.model.policy
+    cond = policy.encode(PROMPTS[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        traj = run.model.sampler.sample(lambda x, t: policy.velocity(x, t, cond),
+                                        torch.randn(2, *policy.latent_shape))
+    assert traj.log_probs.dtype == torch.float32 and torch.isfinite(traj.log_probs).all()
+
+
+@MODELS
 def test_full_fine_tuning_with_a_kl_reference(tmp_path, model_root, m):
     run = cli.main(_recipe(m, tmp_path, "--model_root", str(model_root), "--model.policy.init_args.lora_rank", "0",
                            "--trainer.max_steps", "2", "--model.beta", "0.1"), run=False)

@@ -29,6 +29,7 @@ def test_read_txt_and_jsonl(tmp_path):
         ("empty.txt", ["", "  "], "has no prompts"),
         ("bad.jsonl", ["{not json"], r"bad.jsonl:1: not valid JSON"),
         ("noprompt.jsonl", [json.dumps({"text": "x"})], 'needs a string "prompt" field'),
+        ("blank.jsonl", [json.dumps({"prompt": "a"}), json.dumps({"prompt": "  "})], "blank.jsonl:2: empty prompt"),
     ],
 )
 def test_bad_prompt_files(tmp_path, name, lines, message):
@@ -119,6 +120,18 @@ def test_loader_resumes_mid_epoch_and_only_in_that_epoch(tmp_path):
     assert resumed.state_dict() == {"epoch": 3, "batches": len(full)}
     resumed.sampler.set_epoch(4)
     assert len(list(resumed)) == len(full)  # the next epoch starts from its beginning
+
+
+def test_eval_prompts_must_divide_among_processes(tmp_path):
+    class Trainer:  # what the DataModule reads from Lightning's trainer
+        distributed_sampler_kwargs = {"num_replicas": 3, "rank": 0}
+
+    train = _write(tmp_path, "t.txt", [f"prompt {i}" for i in range(12)])
+    dm = PromptDataModule(train_file=train, eval_file=_write(tmp_path, "e.txt", ["e0", "e1"]), group_size=2,
+                          batch_size=4)
+    dm.trainer = Trainer()
+    with pytest.raises(ValueError, match="2 evaluation prompts do not divide among 3 processes"):
+        dm.setup("fit")
 
 
 def test_too_few_prompts_for_all_ranks(tmp_path):

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from precise_lightning.modules.losses import group_advantages, grpo_guard_log_ratio, kl_to_reference, ppo_policy_loss
+from precise_lightning.modules.losses import flat_groups, group_advantages, grpo_guard_log_ratio, kl_to_reference, ppo_policy_loss
+
+
+def test_flat_groups_counts_groups_whose_rewards_are_all_equal():
+    rewards = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 4.0, 5.0, 5.0, 5.0])
+    groups = torch.tensor([7, 7, 3, 3, 9, 9, 2, 2, 2])
+    assert flat_groups(rewards, groups) == 2  # groups 3 and 2
+    assert flat_groups(torch.zeros(4), torch.tensor([0, 0, 1, 1])) == 2
+    assert flat_groups(torch.arange(4.0), torch.tensor([0, 0, 1, 1])) == 0
 
 
 def test_group_advantages_hand_computed():

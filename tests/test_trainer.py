@@ -104,6 +104,22 @@ def test_ratio_is_exactly_one_at_first_inner_step(tmp_path, rule, ratio_norm):
             out["loss"].backward()
 
 
+def test_demo_runs_in_bf16_mixed_with_ratio_exactly_one(tmp_path):
+    run = cli.main(_tiny(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "4"), run=False)
+    before = {n: p.detach().clone() for n, p in run.model.policy.named_trainable_parameters()}
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert run.trainer.callback_metrics["train/ratio_drift_first"] == 0
+    after = dict(run.model.policy.named_trainable_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in after.values())  # master weights
+    module = run.model
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cond = module.policy.encode(["a handwritten digit 3"] * 4)
+        trajectories, _ = module.rollout(cond, torch.randn(4, 1, 8, 8), [slice(0, 4)], None)
+        assert module.policy.velocity(torch.randn(4, 1, 8, 8), torch.tensor(0.5), cond).dtype == torch.bfloat16
+    assert trajectories[0].log_probs.dtype == torch.float32
+
+
 def test_lora_policy_trains_adapters_only_and_reference_disables_them(tmp_path):
     module = _module(tmp_path, lora_rank=4, lora_targets=["inp", "mid1", "mid2", "out"], beta=0.1)
     names = [n for n, _ in module.policy.named_trainable_parameters()]
@@ -167,10 +183,23 @@ def test_bad_configs_fail_with_a_message(tmp_path, extra, message):
         cli.main(_tiny(tmp_path, *extra), run=False)
 
 
-def test_micro_batches_must_split_evenly(tmp_path):
-    run = cli.main(_tiny(tmp_path, "--model.micro_batch_size", "12"), run=False)
+def test_micro_batches_must_split_evenly_checked_at_parse(tmp_path, monkeypatch):
+    monkeypatch.setattr("precise_lightning.modules.digits.DigitsFlowNet",
+                        lambda *a, **k: pytest.fail("a model was built before the check"))
     with pytest.raises(ValueError, match=r"data.batch_size \(32\) must split into micro-batches of 12"):
-        run.trainer.fit(run.model, datamodule=run.datamodule)
+        cli.main(_tiny(tmp_path, "--model.micro_batch_size", "12"), run=False)
+    with pytest.raises(ValueError, match=r"whose number is a multiple of model.updates_per_rollout \(3\)"):
+        cli.main(_tiny(tmp_path, "--model.updates_per_rollout", "3"), run=False)
+
+
+def test_progress_bar_counts_rollouts_of_the_run(tmp_path, capsys):
+    run = cli.main(_tiny(tmp_path, "--trainer.enable_progress_bar", "true"), run=False)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    bar = run.trainer.progress_bar_callback
+    assert type(bar).__name__ == "RolloutProgressBar"
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (4, 4)  # 8 steps / 2 per rollout
+    out = capsys.readouterr().out
+    assert "rollouts" in out and "perf/s_per_rollout" in out and "Epoch" not in out
 
 
 def test_missing_reward_scorer_is_explained(tmp_path):

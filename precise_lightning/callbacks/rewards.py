@@ -61,7 +61,7 @@ class RewardScorer(Callback):
     @torch.no_grad()
     def score(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
         """Total reward [B] (float32) and each component's raw value [B]."""
-        components = {name: model(images, prompts).float() for name, model in self.rewards.items()}
+        components = {name: _call(name, model, images, prompts) for name, model in self.rewards.items()}
         total = torch.zeros(len(images), device=images.device)
         for name, value in components.items():
             if self.normalize:
@@ -73,7 +73,21 @@ class RewardScorer(Callback):
     @torch.no_grad()
     def evaluate(self, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
         """Each held-out metric [B] (float32)."""
-        return {name: model(images, prompts).float() for name, model in self.metrics.items()}
+        return {name: _call(name, model, images, prompts) for name, model in self.metrics.items()}
+
+
+def _call(name: str, model: nn.Module, images: Tensor, prompts: list[str]) -> Tensor:
+    """One reward model's scores [B] (float32); its failure is reported with the reward's name and the prompts."""
+    try:
+        scores = model(images, prompts)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:
+        shown = ", ".join(repr(p) for p in prompts[:3]) + (f" and {len(prompts) - 3} more" if len(prompts) > 3 else "")
+        raise RuntimeError(f"reward {name!r} ({type(model).__name__}) failed on prompts {shown}: {err}") from err
+    if scores.shape != (len(images),):
+        raise ValueError(f"reward {name!r} returned shape {tuple(scores.shape)}, expected ({len(images)},)")
+    return scores.float()
 
 
 def find_reward_scorer(trainer: Trainer) -> RewardScorer:

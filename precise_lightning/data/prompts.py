@@ -33,6 +33,8 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise ValueError(f'{path}:{number}: each JSONL line needs a string "prompt" field')
+            if not record["prompt"].strip():
+                raise ValueError(f"{path}:{number}: empty prompt: remove the line or give it a prompt")
             records.append(record)
         else:
             records.append({"prompt": line.strip()})
@@ -129,14 +131,30 @@ class PromptDataModule(LightningDataModule):
                 f"prompts (batch_size {batch_size} / group_size {group_size}): add prompts or lower batch_size"
             )
 
+    def setup(self, stage: str) -> None:
+        """Checks that need the number of processes, before any model moves to a device."""
+        ranks = self._ranks().get("num_replicas", 1)
+        if stage == "fit":
+            self._train_sampler()  # enough prompts for one global batch
+        if len(self.eval_records) % ranks:
+            raise ValueError(
+                f"{len(self.eval_records)} evaluation prompts do not divide among {ranks} processes (Lightning would "
+                "repeat some to even them out, biasing eval metrics): use a multiple of the number of processes"
+            )
+
+    def _ranks(self) -> dict[str, int]:
+        return (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+
+    def _train_sampler(self) -> GlobalBatchSampler:
+        hp = self.hparams
+        return GlobalBatchSampler(len(self.train_records), hp.batch_size // hp.group_size, seed=hp.seed, **self._ranks())
+
     def train_dataloader(self) -> ResumableLoader:
         hp = self.hparams
-        ranks = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
-        sampler = GlobalBatchSampler(len(self.train_records), hp.batch_size // hp.group_size, seed=hp.seed, **ranks)
         return ResumableLoader(
             PromptDataset(self.train_records),
             batch_size=hp.batch_size // hp.group_size,
-            sampler=sampler,
+            sampler=self._train_sampler(),
             collate_fn=GroupCollate(hp.group_size),
             num_workers=hp.num_workers,
         )

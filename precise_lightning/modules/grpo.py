@@ -10,7 +10,8 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
+from precise_lightning.callbacks.progress import RolloutProgressBar
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
 from precise_lightning.hub import Dtype
 from precise_lightning.modules.checks import micro_slices
@@ -183,6 +185,14 @@ class GRPOModule(LightningModule):
             self.seed, self.rollouts = state["seed"], state["rollouts"]
             self.guard.load_state_dict(state["guard"])
             restore_rng_states(state["rng"], self.global_rank)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Lightning's default bar counts an epoch's batches; replace it (not a custom one) with a rollout counter."""
+        bar = self.trainer.progress_bar_callback
+        if type(bar) not in (TQDMProgressBar, RichProgressBar):
+            return []
+        self.trainer.callbacks.remove(bar)  # Rich is not a TQDMProgressBar, so Lightning would not replace it
+        return [RolloutProgressBar()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(self.policy.trainable_parameters())
