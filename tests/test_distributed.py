@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from precise_lightning.tiny.models import SD35_MEDIUM
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 32  # images per iteration over all processes: 4 prompts x 8
@@ -32,6 +36,10 @@ def _fit(tmp_path: Path, name: str, strategy: str, *extra: str, ckpt: Path | Non
         "--data.batch_size", str(GLOBAL_BATCH // procs), "--data.eval_batch_size", "16", "--data.eval_repeats", "2",
         "--model.micro_batch_size", "8", "--ema.every_n_steps", "1", *STRATEGIES[strategy], *extra,
     ]
+    return _launch(tmp_path, name, args, ckpt)
+
+
+def _launch(tmp_path: Path, name: str, args: list[str], ckpt: Path | None = None) -> dict:
     out = tmp_path / f"{name}.pt"
     env = {**os.environ, "PRECISE_LIGHTNING_CACHE": str(tmp_path.parent / "cache"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "tests/distributed_run.py", str(out), str(ckpt or "-"), *args], cwd=ROOT,
@@ -39,6 +47,7 @@ def _fit(tmp_path: Path, name: str, strategy: str, *extra: str, ckpt: Path | Non
     assert result.returncode == 0, result.stderr[-4000:]
     state = torch.load(out)
     (version,) = (tmp_path / name).glob("*/version_*")
+    state["version"] = version
     acc = EventAccumulator(str(version))
     acc.Reload()
     state["rewards"] = [e.value for e in acc.Scalars("train/reward")]
@@ -75,15 +84,42 @@ def test_one_process_ddp_and_fsdp_give_the_same_update(tmp_path, setting):
     assert runs["single"]["metrics"]["train/ratio_drift_first"] == 0.0
 
 
-@pytest.mark.parametrize("strategy", ["single", "ddp"])
+@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp"])
 def test_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, strategy):
     """6 iterations (an epoch is 5: the prompt order crosses an epoch after the restart) against 2 + 4 resumed
-    from the checkpoint written at iteration 2: bit-identical weights, EMA and logged rewards."""
+    from the checkpoint written at iteration 2: bit-identical weights, EMA and logged rewards (FSDP2: from a
+    sharded checkpoint)."""
     steps = ["--data.batch_size", str(2 * GLOBAL_BATCH // (2 if strategy != "single" else 1))]
     full = _fit(tmp_path, "full", strategy, "--trainer.max_steps", "12", *steps)
     first = _fit(tmp_path, "first", strategy, "--trainer.max_steps", "4", *steps)
     resumed = _fit(tmp_path, "resumed", strategy, "--trainer.max_steps", "12", *steps, ckpt=first["checkpoint"])
+    assert first["checkpoint"].is_dir() == (strategy == "fsdp")  # FSDP2: a sharded (distributed) checkpoint
     assert (resumed["step"], resumed["rollouts"]) == (full["step"], full["rollouts"]) == (12, 6)
     _assert_same(full, resumed, atol=0)
     assert first["rewards"] + resumed["rewards"] == full["rewards"]
     assert full["metrics"]["eval/reward"] == resumed["metrics"]["eval/reward"]
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_sd35_recipe_trains_sharded_and_exports_the_whole_model(tmp_path, model_root, lora):
+    """The tiny SD3.5 recipe under 2-process FSDP2 (float32 compute on CPU): what DiffusersExport writes is the
+    gathered, whole trained weights, in files the stock classes load."""
+    args = ["--config", "configs/sd35_precise.yaml", "--config", "configs/tiny_cpu.yaml", "--model_root",
+            str(model_root), "--trainer.logger.init_args.save_dir", str(tmp_path / "sd35"),
+            "--trainer.enable_progress_bar", "false", *STRATEGIES["fsdp"], "--data.batch_size", "4",
+            "--model.micro_batch_size", "2", "--trainer.max_steps", "2", "--model.optimizer.init_args.lr", "0.01"]
+    if not lora:
+        args += ["--model.policy.init_args.lora_rank", "0"]
+    run = _launch(tmp_path, "sd35", args)
+    assert run["metrics"]["train/ratio_drift_first"] == 0.0
+    trained = {n.removeprefix("denoiser.").removeprefix("base_model.model.").replace(".default.", "."): p
+               for n, p in run["params"].items()}
+    if lora:
+        exported = load_file(run["version"] / "lora" / "pytorch_lora_weights.safetensors")
+        exported = {k.removeprefix("transformer."): v for k, v in exported.items()}
+        StableDiffusion3Pipeline.from_pretrained(model_root / SD35_MEDIUM).load_lora_weights(run["version"] / "lora")
+    else:
+        exported = SD3Transformer2DModel.from_pretrained(run["version"] / "transformer").state_dict()
+    assert set(trained) <= set(exported) and (not lora or set(exported) == set(trained))  # full: + buffers
+    for name, value in trained.items():
+        assert torch.equal(exported[name], value), name

@@ -25,15 +25,14 @@ class DiffusersExport(Callback):
         self.dirpath = dirpath
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        # Every rank takes part: trainer.log_dir is a broadcast and sharded weights are gathered; rank 0 writes.
         policy = pl_module.policy
         target = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir) / (
             "lora" if policy.lora_rank else "transformer"
         )
-        policy.save_trained(target)
+        policy.save_trained(target, write=trainer.is_global_zero)
         emas = [cb for cb in trainer.callbacks if isinstance(cb, EMA)]
         if emas:
             with emas[0].averaged(pl_module):
-                policy.save_trained(target.with_name(target.name + "_ema"))
+                policy.save_trained(target.with_name(target.name + "_ema"), write=trainer.is_global_zero)
         rank_zero_info(f"trained weights (diffusers format) written to {target}" + (" and *_ema" if emas else ""))

@@ -9,9 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
 
 
@@ -79,27 +83,39 @@ class Policy(nn.Module):
             "trainable": {n: tuple(p.shape) for n, p in self.named_trainable_parameters()},
         }
 
-    def save_lora(self, directory: str | Path) -> None:
+    def save_lora(self, directory: str | Path, write: bool = True) -> None:
         """The LoRA adapters in diffusers' format with peft's adapter metadata (without it a loader cannot know
-        alpha), so that ``pipeline_class.from_pretrained(...).load_lora_weights(directory)`` reproduces the policy."""
+        alpha), so that ``pipeline_class.from_pretrained(...).load_lora_weights(directory)`` reproduces the policy.
+        Sharded adapters are gathered: every rank calls this, the one with ``write`` writes."""
         if not self.lora_rank:
             raise ValueError("save_lora needs LoRA adapters (lora_rank > 0); a fully fine-tuned transformer is saved "
                              "with its save_pretrained")
         if self.pipeline_class is None:
             raise NotImplementedError(f"{type(self).__name__} has no diffusers pipeline to save LoRA weights for")
-        layers = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(self.denoiser).items()}
+        layers = {k.removeprefix("base_model.model."): v.full_tensor() if isinstance(v, DTensor) else v
+                  for k, v in get_peft_model_state_dict(self.denoiser).items()}
+        if not write:
+            return
         self.pipeline_class.save_lora_weights(
             directory, transformer_lora_layers=layers,
             transformer_lora_adapter_metadata=self.denoiser.peft_config["default"].to_dict(),
         )
 
-    def save_trained(self, directory: str | Path) -> None:
+    def save_trained(self, directory: str | Path, write: bool = True) -> None:
         """What trains, in diffusers' format: the LoRA adapters (:meth:`save_lora`) or, fully fine-tuned, the
-        denoiser (``save_pretrained``; load it as the pipeline's ``transformer``)."""
+        denoiser (``save_pretrained``'s files; load it as the pipeline's ``transformer``). Under FSDP2 every rank
+        calls this (the weights are gathered) and the one with ``write`` writes."""
         if self.lora_rank:
-            self.save_lora(directory)
+            self.save_lora(directory, write)
+        elif not isinstance(self.denoiser, FSDPModule):
+            if write:
+                self.denoiser.save_pretrained(directory)
         else:
-            self.denoiser.save_pretrained(directory)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0 only
+            state = get_model_state_dict(self.denoiser, options=options)
+            if write:
+                self.denoiser.save_config(directory)
+                save_torch_state_dict(state, directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
 
     def enable_reference(self) -> None:
         """Make the reference model available (a frozen copy for full fine-tuning; free with LoRA)."""
