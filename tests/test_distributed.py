@@ -102,11 +102,13 @@ def test_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_sd35_recipe_trains_sharded_and_exports_the_whole_model(tmp_path, model_root, lora):
-    """The tiny SD3.5 recipe under 2-process FSDP2 (float32 compute on CPU): what DiffusersExport writes is the
-    gathered, whole trained weights, in files the stock classes load."""
+    """The tiny SD3.5 recipe with the FSDP2 overlay, 2 processes (float32 compute on CPU): what DiffusersExport
+    writes is the gathered, whole trained weights, in files the stock classes load."""
     args = ["--config", "configs/sd35_precise.yaml", "--config", "configs/tiny_cpu.yaml", "--model_root",
             str(model_root), "--trainer.logger.init_args.save_dir", str(tmp_path / "sd35"),
-            "--trainer.enable_progress_bar", "false", *STRATEGIES["fsdp"], "--data.batch_size", "4",
+            "--trainer.enable_progress_bar", "false", "--config", "configs/fsdp.yaml", "--trainer.devices", "2",
+            "--trainer.strategy.init_args.data_parallel_size", "2", "--model.shard_param_dtype", "float32",
+            "--data.batch_size", "4",
             "--model.micro_batch_size", "2", "--trainer.max_steps", "2", "--model.optimizer.init_args.lr", "0.01"]
     if not lora:
         args += ["--model.policy.init_args.lora_rank", "0"]

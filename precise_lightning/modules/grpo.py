@@ -24,6 +24,7 @@ from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
 from precise_lightning.hub import Dtype
 from precise_lightning.modules.checks import micro_slices
 from precise_lightning.modules.guard import NonFiniteGuard, non_finite_parts, oom_advice
+from precise_lightning.modules.logs import log_iteration
 from precise_lightning.modules.losses import (
     flat_groups,
     group_advantages,
@@ -41,9 +42,6 @@ from precise_lightning.modules.run_state import (
 )
 from precise_lightning.modules.sharding import data_parallel_mesh, shard_policy
 from precise_lightning.sampling import PerSample, Sampler, Trajectory, velocity_gain
-
-# Extremes, not means, are what matter for these diagnostics (ratio_drift_first must be exactly 0); over ranks too.
-_REDUCE = {"ratio_max": "max", "ratio_max_dev": "max", "ratio_drift_first": "max", "ratio_min": "min"}
 
 
 class GRPOModule(LightningModule):
@@ -175,8 +173,10 @@ class GRPOModule(LightningModule):
         state = checkpoint.get("grpo", {})
         diff = signature_differences(state["policy"], self.policy.signature()) if "policy" in state else []
         if diff:
-            raise ValueError("the checkpoint was made for another policy configuration and cannot be resumed with "
-                             "this one:\n  " + "\n  ".join(diff) + "\nuse the config it was trained with, or start afresh")
+            raise ValueError(
+                "the checkpoint was made for another policy configuration and cannot be resumed with this one:\n  "
+                + "\n  ".join(diff) + "\nuse the config it was trained with, or start afresh"
+            )
         if "state_dict" in checkpoint and not isinstance(self.trainer.strategy, ModelParallelStrategy):
             current = self.state_dict()
             for key in self._frozen_keys() - set(checkpoint["state_dict"]):  # strict loading still checks the rest
@@ -256,7 +256,7 @@ class GRPOModule(LightningModule):
             ) from err
         self.rollouts += 1
         self.guard.end_iteration()
-        self._log_train(rewards, components, advantages, flat_groups, stats, time.perf_counter() - start)
+        log_iteration(self, rewards, components, advantages, flat_groups, stats, time.perf_counter() - start)
 
     def _advantages(self, rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Group advantages [B] and the number of groups whose rewards are all equal (advantage 0: no signal)."""
@@ -403,7 +403,7 @@ class GRPOModule(LightningModule):
             self.log(name, metric.compute(), prog_bar=name == "eval/reward")
             metric.reset()
 
-    # ---- logging ----------------------------------------------------------------------------------------------
+    # ---- timing -----------------------------------------------------------------------------------------------
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -413,27 +413,3 @@ class GRPOModule(LightningModule):
         yield
         sync()
         self.log(f"time/{name}_s", time.perf_counter() - start, on_step=True)
-
-    def _log_train(
-        self, rewards: Tensor, components: dict[str, Tensor], advantages: Tensor, flat_groups: Tensor,
-        stats: dict[str, list[Tensor]], seconds: float,
-    ) -> None:
-        batch_size = len(rewards)
-        log = dict(on_step=True, batch_size=batch_size)
-        self.log("train/reward", rewards.mean(), prog_bar=True, sync_dist=True, **log)
-        self.log("train/reward_std", self.all_gather(rewards).float().std(unbiased=False), **log)  # over all ranks
-        for name, value in components.items():
-            self.log(f"train/reward/{name}", value.mean(), sync_dist=True, **log)
-            self.log(f"train/reward/{name}_std", self.all_gather(value).float().std(unbiased=False), **log)
-        self.log("train/zero_advantage_fraction", (advantages == 0).float().mean(), sync_dist=True, **log)
-        self.log("train/flat_groups", flat_groups, reduce_fx="sum", sync_dist=True, **log)  # all rewards equal
-        self.log("train/skipped_updates", float(self.guard.skipped), **log)
-        for key, values in stats.items():
-            reduce = _REDUCE.get(key, "mean")
-            value = getattr(torch, reduce)(torch.stack(values).float())
-            self.log(f"train/{key}", value, reduce_fx=reduce, sync_dist=True, **log)  # the whole batch's value
-        self.log("perf/s_per_rollout", seconds, prog_bar=True, **log)
-        self.log("perf/images_per_s", batch_size * self.trainer.world_size / seconds, **log)
-        if self.device.type == "cuda":
-            self.log("perf/peak_memory_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, reduce_fx="max",
-                     sync_dist=True, **log)

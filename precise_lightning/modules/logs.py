@@ -1,0 +1,37 @@
+"""What a GRPO iteration logs to TensorBoard (``train/*``, ``perf/*``), as values of the whole global batch."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+# Extremes, not means, are what matter for these diagnostics (ratio_drift_first must be exactly 0); over ranks too.
+_REDUCE = {"ratio_max": "max", "ratio_max_dev": "max", "ratio_drift_first": "max", "ratio_min": "min"}
+
+
+def log_iteration(
+    module: LightningModule, rewards: Tensor, components: dict[str, Tensor], advantages: Tensor, flat_groups: Tensor,
+    stats: dict[str, list[Tensor]], seconds: float,
+) -> None:
+    """Log one GRPO iteration: rewards and their spread over all ranks, advantage health, update diagnostics
+    (reduced over ranks: means, or extremes where those matter), skipped updates and throughput."""
+    batch_size = len(rewards)
+    log = dict(on_step=True, batch_size=batch_size)
+    module.log("train/reward", rewards.mean(), prog_bar=True, sync_dist=True, **log)
+    module.log("train/reward_std", module.all_gather(rewards).float().std(unbiased=False), **log)  # over all ranks
+    for name, value in components.items():
+        module.log(f"train/reward/{name}", value.mean(), sync_dist=True, **log)
+        module.log(f"train/reward/{name}_std", module.all_gather(value).float().std(unbiased=False), **log)
+    module.log("train/zero_advantage_fraction", (advantages == 0).float().mean(), sync_dist=True, **log)
+    module.log("train/flat_groups", flat_groups, reduce_fx="sum", sync_dist=True, **log)  # all rewards equal
+    module.log("train/skipped_updates", float(module.guard.skipped), **log)
+    for key, values in stats.items():
+        reduce = _REDUCE.get(key, "mean")
+        value = getattr(torch, reduce)(torch.stack(values).float())
+        module.log(f"train/{key}", value, reduce_fx=reduce, sync_dist=True, **log)  # the whole batch's value
+    module.log("perf/s_per_rollout", seconds, prog_bar=True, **log)
+    module.log("perf/images_per_s", batch_size * module.trainer.world_size / seconds, **log)
+    if module.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(module.device) / 2**30
+        module.log("perf/peak_memory_gib", peak, reduce_fx="max", sync_dist=True, **log)
