@@ -108,6 +108,20 @@ def test_sde_window_is_ode_outside():
         torch.testing.assert_close(a.latents[i + 1], x + (t[i + 1] - t[i]) * net(x, t[i]))
 
 
+def test_sliding_window_moves_by_stride_every_interval_and_starts_over():
+    """MixGRPO's progressive window: size kept, moved by the stride every `window_shift_every` rollouts, back to
+    its first position once it would pass the last stochastic step (N = 8: steps 0..6 may be stochastic)."""
+    s = Sampler("precise", num_steps=8, sde_window=(1, 4), window_shift_every=3, window_stride=2)
+    starts = [s.sde_steps_at(k)[0] for k in range(15)]
+    assert starts == [1, 1, 1, 3, 3, 3, 1, 1, 1, 3, 3, 3, 1, 1, 1]  # 1 -> 3; 5 would end at 8 > 7: start over
+    assert all(len(s.sde_steps_at(k)) == 3 for k in range(15)) and s.sde_steps == [1, 2, 3]
+    unit = Sampler("precise", num_steps=8, sde_window=(0, 4), window_shift_every=1)
+    assert [unit.sde_steps_at(k) for k in (0, 3, 4)] == [[0, 1, 2, 3], [3, 4, 5, 6], [0, 1, 2, 3]]
+    traj = unit.sample(Linear(), torch.randn(2, 6), rollout_index=2)
+    assert traj.sde_steps == [2, 3, 4, 5] and traj.log_probs.shape == (2, 4)
+    assert Sampler("precise", num_steps=8, sde_window=(2, 5)).sde_steps_at(7) == [2, 3, 4]  # fixed without it
+
+
 def test_rollout_function_rejects_stochastic_last_step():
     with pytest.raises(ValueError, match="last step is deterministic"):
         rollout(Linear(), torch.randn(1, 6), LinearGrid()(4), "precise", sde_steps=[3])
@@ -130,6 +144,8 @@ def test_sampler_defaults_and_repr():
         (dict(sde_window=(4, 4)), "must satisfy"),
         (dict(rule="ode", sde_window=(0, 2)), "rule 'ode' has no stochastic steps"),
         (dict(log_prob_reduce="max"), "log_prob_reduce must be"),
+        (dict(window_shift_every=5), "window_shift_every slides the sde_window: give an initial sde_window"),
+        (dict(sde_window=(0, 2), window_shift_every=0), r"window_shift_every \(0\) and window_stride \(1\) must"),
     ],
 )
 def test_sampler_rejects_bad_values(kwargs, message):

@@ -68,6 +68,7 @@ def test_demo_fit_changes_weights_and_logs_finite_scalars(tmp_path):
     for tag, values in scalars.items():
         assert all(math.isfinite(v) for v in values), tag
     assert scalars["train/ratio_drift_first"] == [0.0] * 4  # ratio exactly 1 before each rollout's first update
+    assert len(scalars["eval/reward"]) == 2  # the starting weights (eval_at_start), then after rollout 3
     assert "eval/samples" in images
     run.trainer.save_checkpoint(tmp_path / "final.ckpt")
     state = torch.load(tmp_path / "final.ckpt", map_location="cpu", weights_only=False)
@@ -264,3 +265,15 @@ def test_resume_from_checkpoint_continues_where_it_stopped(tmp_path):
     assert ema.num_updates == 1  # crossed step 8 once after resuming at step 4; none before it
     opt_state = resumed.trainer.optimizers[0].state_dict()["state"]
     assert all(int(s["step"]) == 10 for s in opt_state.values())  # AdamW continued from its 4 restored steps
+
+
+def test_sliding_window_moves_between_rollouts_in_fit(tmp_path):
+    run = cli.main(_tiny(tmp_path, "--model.sampler.init_args.sde_window", "[0,3]",
+                         "--model.sampler.init_args.window_shift_every", "1",
+                         "--model.sampler.init_args.window_stride", "3"), run=False)
+    trained = []
+    update = run.model.update
+    run.model.update = lambda trajectories, *a: trained.append(trajectories[0].sde_steps) or update(trajectories, *a)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert trained == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [0, 1, 2]]  # 10 steps: 9 may be stochastic
+    assert run.trainer.callback_metrics["train/ratio_drift_first"] == 0

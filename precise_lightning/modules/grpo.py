@@ -69,6 +69,8 @@ class GRPOModule(LightningModule):
             a skipped update, so the last one is the last good state.
         shard_param_dtype: under ``ModelParallelStrategy`` (FSDP2), the dtype the sharded denoiser computes in
             (``bfloat16``: the published recipes); gradients are always reduced in float32.
+        eval_at_start: evaluate the starting weights when ``fit`` starts (not on resume), so every eval curve
+            has its iteration-0 point.
 
     Rollout noise is drawn per sample from a seed derived from the run's seed, the rollout number and the sample
     id, so it is the same however the batch is split over processes and micro-batches, and after a restart.
@@ -93,6 +95,7 @@ class GRPOModule(LightningModule):
         eval_seed: int = 0,
         max_bad_iterations: int = 3,
         shard_param_dtype: Dtype = "bfloat16",
+        eval_at_start: bool = True,
     ) -> None:
         super().__init__()
         self.sampler = sampler if sampler is not None else Sampler()
@@ -215,6 +218,7 @@ class GRPOModule(LightningModule):
                     noise[s],
                     generator=generator[s] if isinstance(generator, PerSample) else generator,
                     keep_means=self.hparams.ratio_norm,
+                    rollout_index=self.rollouts,
                 )
             )
         images = self.policy.decode(torch.cat([traj.latents[-1] for traj in trajectories]))
@@ -377,6 +381,17 @@ class GRPOModule(LightningModule):
         }
 
     # ---- evaluation -------------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        trainer = self.trainer
+        if not self.hparams.eval_at_start or self.rollouts or not trainer.enable_validation:
+            return
+        # What Lightning's training loop does around its own mid-epoch validation.
+        trainer.validating = True
+        first_loop_iter = trainer._logger_connector._first_loop_iter
+        trainer.fit_loop.epoch_loop.val_loop.run()
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         prompts, ids = batch["prompts"], batch["sample_ids"]
         seed = self.hparams.eval_seed * 1_000_003

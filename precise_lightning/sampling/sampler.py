@@ -21,6 +21,11 @@ class Sampler:
         sde_window: ``[start, stop)`` step indices that are stochastic (MixGRPO / Flow-GRPO "fast"); the others
             are Euler steps. None makes every step but the last stochastic.
         log_prob_reduce: ``mean`` (reference implementations, clip ranges calibrated to it) or ``sum`` over elements.
+        window_shift_every: MixGRPO's sliding window: every this many rollouts the ``sde_window`` moves
+            ``window_stride`` steps towards t = 0, keeping its size, and starts over from its first position once
+            it would pass the last stochastic step (MixGRPO's FLUX recipe: window 4, every 25, stride 1). None
+            keeps the window fixed.
+        window_stride: steps the window moves per shift.
     """
 
     def __init__(
@@ -31,6 +36,8 @@ class Sampler:
         grid: TimeGrid | None = None,
         sde_window: tuple[int, int] | None = None,
         log_prob_reduce: str = "mean",
+        window_shift_every: int | None = None,
+        window_stride: int = 1,
     ) -> None:
         self.eta = check_rule(rule, eta)
         self.rule = rule
@@ -51,6 +58,13 @@ class Sampler:
                     f"(steps are 0..{self.num_steps - 1} and the last one is deterministic)"
                 )
         self.sde_window = sde_window
+        if window_shift_every is not None:
+            if sde_window is None:
+                raise ValueError("window_shift_every slides the sde_window: give an initial sde_window [start, stop)")
+            if window_shift_every < 1 or window_stride < 1:
+                raise ValueError(f"window_shift_every ({window_shift_every}) and window_stride ({window_stride}) "
+                                 "must be >= 1")
+        self.window_shift_every, self.window_stride = window_shift_every, window_stride
         self._timesteps: Tensor | None = None
         if self.grid.complete:  # else for_policy completes and validates it
             self.timesteps  # noqa: B018 - validates the grid now, at config parse
@@ -77,20 +91,33 @@ class Sampler:
         """Indices of the stochastic steps, the only ones with a log-prob (and so the only trainable ones)."""
         if self.rule == "ode":
             return []
+        return self.sde_steps_at(0)
+
+    def sde_steps_at(self, rollout: int) -> list[int]:
+        """The stochastic steps of the ``rollout``-th rollout (they differ from :attr:`sde_steps` only when the
+        window slides)."""
+        if self.rule == "ode":
+            return []
         start, stop = self.sde_window if self.sde_window is not None else (0, self.num_steps - 1)
+        if self.window_shift_every is not None:
+            positions = (self.num_steps - 1 - stop) // self.window_stride + 1  # window starts that fit
+            shift = (rollout // self.window_shift_every) % positions * self.window_stride
+            start, stop = start + shift, stop + shift
         return list(range(start, stop))
 
     def sample(
-        self, velocity: Velocity, noise: Tensor, generator: Generators = None, keep_means: bool = False
+        self, velocity: Velocity, noise: Tensor, generator: Generators = None, keep_means: bool = False,
+        rollout_index: int = 0,
     ) -> Trajectory:
-        """Roll out from ``noise`` [B, ...] (no grad); see :func:`precise_lightning.sampling.rollout`."""
+        """Roll out from ``noise`` [B, ...] (no grad), the ``rollout_index``-th rollout of a run (it places a sliding
+        window); see :func:`precise_lightning.sampling.rollout`."""
         return rollout(
             velocity,
             noise,
             self.timesteps,
             self.rule,
             self.eta,
-            sde_steps=self.sde_steps,
+            sde_steps=self.sde_steps_at(rollout_index),
             generator=generator,
             keep_means=keep_means,
             reduce=self.log_prob_reduce,
@@ -103,6 +130,8 @@ class Sampler:
 
     def __repr__(self) -> str:
         window = f", sde_window={list(self.sde_window)}" if self.sde_window else ""
+        if self.window_shift_every:
+            window += f" sliding by {self.window_stride} every {self.window_shift_every} rollouts"
         return f"Sampler(rule={self.rule!r}, eta={self.eta}, num_steps={self.num_steps}{window})"
 
 
