@@ -3,7 +3,10 @@
 The data is a Gaussian mixture, so x0_hat = E[x0 | x_t] and the velocity are exact; any error left is the sampler's.
 Prints, on a uniform grid and on the SD3 shift-3 grid, the outer-ring mass (target 0.5), the ring width (mean
 distance to the nearest ring; excess noise widens it) and the sliced Wasserstein-1 distance to exact samples,
-and saves a plot.
+and saves a plot. Then the per-step excess noise in closed form: for point-mass data (x0 = 0, so x_t ~ N(0, t^2)
+and the exact velocity is x / t), the std of x_{t'} after one step of each rule, divided by the exact t'; 1 is
+faithful, above 1 is the noise Euler-Maruyama inflates. Reported as the worst and the mean ratio over a grid's
+steps (the last step, to t' = 0, excluded).
 
     python benchmarks/faithfulness.py [--samples 10000] [--out benchmarks/out]
 """
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from precise_lightning.sampling import DEFAULT_ETA, LinearGrid, Sampler, SD3Grid, TimeGrid
+from precise_lightning.sampling import DEFAULT_ETA, LinearGrid, Sampler, SD3Grid, TimeGrid, transition
 
 RADII = (1.0, 2.0)
 POINTS_PER_RING = 12
@@ -86,6 +89,34 @@ def evaluate(grid: TimeGrid, noise: torch.Tensor, reference: torch.Tensor) -> di
     return table, finals
 
 
+def step_std_ratios(rule: str, times: torch.Tensor) -> torch.Tensor:
+    """[N - 1] std of x_{t'} / t' after one step from the exact marginal N(0, t^2) of point-mass data x0 = 0.
+
+    Every rule's mean is affine in x when v = x / t, so the marginal std is sqrt((a t)^2 + std^2), a = d mean / dx.
+    """
+    ratios = []
+    for t, t_next in zip(times[:-2].tolist(), times[1:-1].tolist()):
+        x = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+        mean, std = transition(rule, x, x / t, t, t_next)
+        slope = (mean[1] - mean[0]).item()
+        ratios.append(math.sqrt((slope * t) ** 2 + float(std.max()) ** 2) / t_next)
+    return torch.tensor(ratios)
+
+
+def excess_noise_table() -> None:
+    for name, grid in GRIDS.items():
+        print(f"[{name} grid] one-step marginal std / exact t' for point-mass data (1 = faithful): worst / mean "
+              "over steps\n| rule | eta | " + " | ".join(f"N={n}" for n in STEPS) + " |")
+        print("|---|---|" + "---|" * len(STEPS))
+        for rule in RULES:
+            cells = []
+            for n in STEPS:
+                r = step_std_ratios(rule, Sampler(rule, num_steps=n, grid=grid).timesteps)
+                cells.append(f"{r.max():.3f} / {r.mean():.3f}")
+            print(f"| {rule} | {DEFAULT_ETA[rule]} | " + " | ".join(cells) + " |")
+        print()
+
+
 def print_table(title: str, table: dict, col: int) -> None:
     print(f"{title}\n| rule | eta | " + " | ".join(f"N={n}" for n in STEPS) + " |")
     print("|---|---|" + "---|" * len(STEPS))
@@ -114,6 +145,7 @@ def main() -> None:
             print_table(f"[{name} grid] {title}", results[name], col)
         if name == "sd3-shift3":
             plot(results, finals, reference, args.out)
+    excess_noise_table()
     print(f"total time: {time.perf_counter() - start:.1f} s")
 
 
