@@ -33,8 +33,8 @@ class Scripted(nn.Module):
 
 
 def _run(tmp_path, *extra):
-    run = cli.main(_tiny(tmp_path, "--trainer.val_check_interval", "1000", "--trainer.max_steps", "20", *extra),
-                   run=False)
+    run = cli.main(_tiny(tmp_path, "--trainer.val_check_interval", "1000", "--model.eval_at_start", "false",
+                         "--trainer.max_steps", "20", *extra), run=False)  # reward calls: rollouts only
     run.trainer.callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True))
     return run
 

@@ -93,17 +93,17 @@ def test_held_out_metrics_are_logged_at_evaluation_and_never_scored_on_rollouts(
     for name, metric in scorer.metrics.items():
         metric.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
     run.trainer.fit(run.model, datamodule=run.datamodule)
-    val_batches = len(run.datamodule.val_dataloader())  # one evaluation, after rollout 3
+    val_batches = len(run.datamodule.val_dataloader())  # two evaluations: at the start and after rollout 3
     assert run.trainer.global_step == 6 and val_batches >= 1
-    assert calls == {name: val_batches for name in scorer.metrics}  # evaluation only: 3 rollouts ran too
+    assert calls == {name: 2 * val_batches for name in scorer.metrics}  # evaluation only: 3 rollouts ran too
     (version,) = list(tmp_path.glob("*/version_*"))
     acc = EventAccumulator(str(version))
     acc.Reload()
     tags = acc.Tags()["scalars"]
     for name in ("pickscore", "hpsv2", "clipscore"):
         assert f"eval/{name}" in tags and f"train/reward/{name}" not in tags
-        (event,) = acc.Scalars(f"eval/{name}")
-        assert torch.isfinite(torch.tensor(event.value))
+        events = acc.Scalars(f"eval/{name}")
+        assert len(events) == 2 and all(torch.isfinite(torch.tensor(e.value)) for e in events)
     assert "eval/reward/digit" in tags and "train/reward/digit" in tags
 
 
