@@ -101,7 +101,9 @@ def test_ratio_is_exactly_one_at_first_inner_step(tmp_path, rule, ratio_norm):
     assert images.shape == (9, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
     for m, s in enumerate(slices):
         for i in trajectories[m].sde_steps:
-            out = module._step_loss(trajectories[m], cond[s], torch.ones(3), i, *module.sampler.timesteps[i : i + 2].tolist())
+            mean_ref = module._reference_means(trajectories[m], cond[s], [i])[i]
+            out = module._step_loss(trajectories[m], cond[s], torch.ones(3), i, *module.sampler.timesteps[i : i + 2].tolist(),
+                                    mean_ref)
             assert out["ratio_max_dev"] == 0.0 and out["approx_kl"] == 0.0
             assert out["kl"] == 0.0  # policy == reference before training
             out["loss"].backward()
@@ -139,6 +141,9 @@ def test_lora_policy_trains_adapters_only_and_reference_disables_them(tmp_path):
     with module.policy.denoiser.disable_adapter():
         torch.testing.assert_close(v_ref, base(x, t, cond))
     assert not torch.allclose(v, v_ref)
+    # leaving the reference restores the adapters and their trainability
+    torch.testing.assert_close(module.policy.velocity(x, t, cond), v)
+    assert [n for n, _ in module.policy.named_trainable_parameters()] == names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)

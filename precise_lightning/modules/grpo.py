@@ -313,8 +313,10 @@ class GRPOModule(LightningModule):
                 last = (group[-1], steps[-1])
                 for m in group:
                     traj, cond_m, adv = trajectories[m], slice_cond(cond, slices[m]), advantages[slices[m]]
+                    ref_means = self._reference_means(traj, cond_m, steps) if hp.beta > 0 else {}
                     for i in steps:
-                        out = self._step_loss(traj, cond_m, adv, i, float(times[i]), float(times[i + 1]))
+                        out = self._step_loss(traj, cond_m, adv, i, float(times[i]), float(times[i + 1]),
+                                              ref_means.get(i))
                         with self._grad_sync((m, i) == last):
                             self.manual_backward(out.pop("loss") * scale)
                         for key, value in out.items():
@@ -344,10 +346,24 @@ class GRPOModule(LightningModule):
         model = self.trainer.model
         return model.no_sync() if not sync and isinstance(model, DistributedDataParallel) else nullcontext()
 
+    @torch.no_grad()
+    def _reference_means(self, traj: Trajectory, cond: Any, steps: list[int]) -> dict[int, Tensor]:
+        """The reference model's transition means [b, ...] at ``steps`` of one micro-batch, in one switch to it."""
+        times = self.sampler.timesteps
+        means = {}
+        with self.policy.reference():
+            for i in steps:
+                x = traj.latents[i]
+                v = self.policy.velocity(x, torch.tensor(float(times[i]), dtype=x.dtype, device=x.device), cond)
+                means[i] = self.sampler.score(i, x, v, traj.latents[i + 1]).mean
+        return means
+
     def _step_loss(
-        self, traj: Trajectory, cond: Any, advantages: Tensor, i: int, t: float, t_next: float
+        self, traj: Trajectory, cond: Any, advantages: Tensor, i: int, t: float, t_next: float,
+        mean_ref: Tensor | None = None,
     ) -> dict[str, Any]:
-        """Loss (with graph) and detached diagnostics of stochastic step ``i`` for one micro-batch."""
+        """Loss (with graph) and detached diagnostics of stochastic step ``i`` for one micro-batch; ``mean_ref``
+        is the reference model's mean there (needed when ``beta > 0``)."""
         hp = self.hparams
         k = traj.sde_steps.index(i)
         x, x_next = traj.latents[i], traj.latents[i + 1]
@@ -364,8 +380,6 @@ class GRPOModule(LightningModule):
             loss = loss / abs(velocity_gain(self.sampler.rule, t, t_next, self.sampler.eta))
         kl = torch.zeros((), device=x.device)
         if hp.beta > 0:
-            with torch.no_grad(), self.policy.reference():
-                mean_ref = self.sampler.score(i, x, self.policy.velocity(x, t_tensor, cond), x_next).mean
             kl = kl_to_reference(out.mean, mean_ref, out.std).mean()
             loss = loss + hp.beta * kl
         return {

@@ -126,8 +126,12 @@ class Policy(nn.Module):
     def reference(self) -> Iterator[None]:
         """Within this context :meth:`velocity` is the reference (base) model's."""
         if self.lora_rank:
-            with self.denoiser.disable_adapter():
+            # The tuner's own switch: PeftModel.disable_adapter() also scans every layer's status on each entry.
+            self.denoiser.base_model.disable_adapter_layers()
+            try:
                 yield
+            finally:
+                self.denoiser.base_model.enable_adapter_layers()
             return
         if self.reference_denoiser is None:
             raise RuntimeError("no reference model: call enable_reference() first (GRPOModule does when beta > 0)")
