@@ -27,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from itertools import pairwise
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from lightning.pytorch import Callback, LightningModule
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from precise_lightning import cli
+from precise_lightning.modules.checks import micro_slices, update_groups
 from precise_lightning.modules.policy import slice_cond
 
 SETTINGS = {
@@ -96,10 +98,10 @@ def model_work(module: LightningModule, prompts: list[str]) -> dict[str, float]:
     trainer = module.trainer
     hp, policy, sampler = module.hparams, module.policy, module.sampler
     scorer, optimizer = module.scorer, trainer.optimizers[0]
-    slices = module._micro_slices(len(prompts))
+    slices = micro_slices(len(prompts), hp.micro_batch_size, hp.updates_per_rollout)
     times = sampler.timesteps.tolist()
     steps = module.trained_steps(sampler.sde_steps_at(module.rollouts))
-    groups = [range(k, len(slices), hp.updates_per_rollout) for k in range(hp.updates_per_rollout)]
+    groups = update_groups(len(slices), hp.updates_per_rollout)
     clock = Stopwatch(module.device)
     with trainer.precision_plugin.train_step_context():
         with clock("encode"), torch.no_grad():
@@ -109,7 +111,7 @@ def model_work(module: LightningModule, prompts: list[str]) -> dict[str, float]:
         with clock("rollout forwards"), torch.no_grad():
             for s in slices:
                 x, cond_s, xs = noise[s], slice_cond(cond, s), []
-                for t, t_next in zip(times[:-1], times[1:]):
+                for t, t_next in pairwise(times):
                     xs.append(x)
                     x = x + (t_next - t) * policy.velocity(x, torch.tensor(t, device=x.device), cond_s)
                 states.append(xs + [x])

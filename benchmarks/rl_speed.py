@@ -46,7 +46,7 @@ def run(name: str, seed: int, args: argparse.Namespace) -> Path:
                "--trainer.val_check_interval", str(args.eval_every), "--trainer.enable_progress_bar", "false",
                "--trainer.logger.init_args.save_dir", str(save), "--trainer.logger.init_args.version", "0"]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         if result.returncode:
             raise RuntimeError(f"{name} seed {seed} failed:\n{result.stderr[-3000:]}")
         done.touch()
@@ -95,7 +95,8 @@ def summarize(results: dict[str, list[dict]], kind: str, k: int) -> list[dict]:
                         if np.isfinite(reach[-1]) else float("nan"))
             auc.append(float(np.trapezoid(values, at) / (at[-1] - at[0])))
             final.append(float(values[-1]))
-        rows[name] = dict(final=final, auc=auc, rollouts=reach, seconds=secs)
+        rows[name] = {"final": final, "auc": auc, "rollouts": reach, "seconds": secs}
+
     def stats(v: np.ndarray) -> tuple[float, float, int]:
         ok = np.asarray(v, dtype=float)[np.isfinite(v)]
         return (float(ok.mean()), float(ok.std()), len(ok)) if len(ok) else (float("nan"), float("nan"), 0)
@@ -117,10 +118,12 @@ def print_table(rows: list[dict], title: str, seeds: int) -> None:
     print(f"| {'config':<15} | final | AUC | rollouts to threshold | seconds to threshold | ratio (rollouts) "
           "| ratio (seconds) | reached |")
     print("|---|---|---|---|---|---|---|---|")
+    def f(r: dict, key: str, p: int = 3) -> str:
+        return f"{r[key][0]:.{p}f} ± {r[key][1]:.{p}f}"
+
     for r in rows:
-        f = lambda key, p=3: f"{r[key][0]:.{p}f} ± {r[key][1]:.{p}f}"  # noqa: E731
-        print(f"| {r['config']:<15} | {f('final')} | {f('auc')} | {f('rollouts', 0)} | {f('seconds', 1)} | "
-              f"{f('ratio_rollouts', 2)} | {f('ratio_seconds', 2)} | {r['rollouts'][2]}/{seeds} |")
+        print(f"| {r['config']:<15} | {f(r, 'final')} | {f(r, 'auc')} | {f(r, 'rollouts', 0)} | {f(r, 'seconds', 1)} | "
+              f"{f(r, 'ratio_rollouts', 2)} | {f(r, 'ratio_seconds', 2)} | {r['rollouts'][2]}/{seeds} |")
 
 
 def plot(results: dict[str, list[dict]], k: int, path: Path) -> None:

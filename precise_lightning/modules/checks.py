@@ -1,5 +1,6 @@
-"""Batch arithmetic that must hold before any model loads: checked when the config is parsed, and again by the
-module on the data it actually receives."""
+"""Batch arithmetic: the micro-batch split, which must hold before any model loads (checked when the config is
+parsed, and again by the module on the data it actually receives), and which micro-batches each optimizer step
+takes."""
 
 from __future__ import annotations
 
@@ -13,3 +14,9 @@ def micro_slices(batch_size: int, micro_batch_size: int | None, updates_per_roll
             f"whose number is a multiple of model.updates_per_rollout ({updates_per_rollout})"
         )
     return [slice(i, i + micro) for i in range(0, batch_size, micro)]
+
+
+def update_groups(num_slices: int, updates_per_rollout: int) -> list[range]:
+    """The micro-batches of each optimizer step: update k takes k, k + U, ... Every rank holds a whole number of
+    such strides, so each optimizer step sees the same samples however many ranks share the global batch."""
+    return [range(k, num_slices, updates_per_rollout) for k in range(updates_per_rollout)]

@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 from precise_lightning.callbacks.progress import RolloutProgressBar
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
 from precise_lightning.hub import Dtype
-from precise_lightning.modules.checks import micro_slices
+from precise_lightning.modules.checks import micro_slices, update_groups
 from precise_lightning.modules.guard import NonFiniteGuard, non_finite_parts, oom_advice
 from precise_lightning.modules.logs import log_iteration
 from precise_lightning.modules.losses import (
@@ -301,9 +301,7 @@ class GRPOModule(LightningModule):
         hp = self.hparams
         opt = self.optimizers()
         steps = self.trained_steps(trajectories[0].sde_steps)
-        # Update k takes micro-batches k, k + U, ...: every rank holds a whole number of update strides, so each
-        # optimizer step sees the same samples however many ranks share the global batch.
-        groups = [range(k, len(slices), hp.updates_per_rollout) for k in range(hp.updates_per_rollout)]
+        groups = update_groups(len(slices), hp.updates_per_rollout)
         times = self.sampler.timesteps
         stats: dict[str, list[Tensor]] = defaultdict(list)
         first_update = True

@@ -89,8 +89,6 @@ class Sampler:
     @property
     def sde_steps(self) -> list[int]:
         """Indices of the stochastic steps, the only ones with a log-prob (and so the only trainable ones)."""
-        if self.rule == "ode":
-            return []
         return self.sde_steps_at(0)
 
     def sde_steps_at(self, rollout: int) -> list[int]:
