@@ -1,12 +1,68 @@
 import os
 import runpy
 import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One thread per process, for this process and every process a test launches (they inherit the environment):
+# tests share 2 cores with each other's subprocesses, and oversubscribed thread pools turned seconds into minutes.
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_args(log_dir: Path, *extra: str, batch_size: int = 32, micro_batch_size: int = 16) -> list[str]:
+    """CLI arguments of the demo config shrunk for tests: a small base model, 4 rollouts, logs under ``log_dir``."""
+    return [
+        "--config", "configs/digits_precise.yaml",
+        "--model.policy.init_args.hidden", "64",
+        "--model.policy.init_args.pretrain_steps", "30",
+        "--trainer.logger.init_args.save_dir", str(log_dir),
+        "--trainer.max_steps", "8",
+        "--trainer.val_check_interval", "3",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--data.batch_size", str(batch_size),
+        "--data.eval_batch_size", "16",
+        "--data.eval_repeats", "2",
+        "--model.micro_batch_size", str(micro_batch_size),
+        *extra,
+    ]
+
+
+def run_dir(log_dir: Path) -> Path:
+    """The one ``name/version_N`` directory a run wrote under ``log_dir``."""
+    (version,) = list(Path(log_dir).glob("*/version_*"))
+    return version
+
+
+def tensorboard(version: Path) -> EventAccumulator:
+    """What a run wrote to TensorBoard (``.Tags()``, ``.Scalars(tag)``, ``.Images(tag)``, ...)."""
+    acc = EventAccumulator(str(version))
+    acc.Reload()
+    return acc
+
+
+def scalars(version: Path) -> dict[str, list[float]]:
+    """Every scalar a run logged to TensorBoard, by tag, in step order."""
+    acc = tensorboard(version)
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(autouse=True)
+def _in_repo_with_a_shared_cache(tmp_path_factory, monkeypatch):
+    """Tests run from the repository root (configs are relative paths) and share one cache of demo base models."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PRECISE_LIGHTNING_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(scope="session")

@@ -4,20 +4,18 @@ reference, the recipes with every rival sampler, the missing-weights message."""
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, StableDiffusion3Pipeline
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cli
+from conftest import run_dir, scalars
 from precise_lightning.hub import WeightsNotFoundError
 from precise_lightning.modules import Flux2KleinPolicy, SD3Policy
-from precise_lightning.sampling import Flux2Grid, Sampler, SD3Grid, TimeGrid
+from precise_lightning.sampling import Sampler, SD3Grid
 from precise_lightning.tiny.models import FLUX2_KLEIN, SD35_MEDIUM, TINY_RESOLUTION
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cube on a wooden table", "a photo of a cat wearing a small hat"]
 
 
@@ -30,22 +28,14 @@ class Model:
     guidance: float  # the recipe's
     lora_rank: int  # the recipe's
 
-    def grid(self, policy) -> TimeGrid:
-        return SD3Grid(shift=3.0) if self.policy is SD3Policy else Flux2Grid(policy.image_seq_len)
-
 
 SD35 = Model(SD3Policy, StableDiffusion3Pipeline, SD35_MEDIUM, "configs/sd35_precise.yaml", 4.5, 32)
 KLEIN = Model(Flux2KleinPolicy, Flux2KleinPipeline, FLUX2_KLEIN, "configs/flux2_klein_precise.yaml", 1.0, 16)
 MODELS = pytest.mark.parametrize("m", [SD35, KLEIN], ids=["sd35", "flux2_klein"])
 
 
-@pytest.fixture(autouse=True)
-def _in_repo(monkeypatch):
-    monkeypatch.chdir(ROOT)
-
-
 def _policy_image(m: Model, policy, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    sampler = Sampler("ode", num_steps=steps, grid=m.grid(policy))
+    sampler = Sampler("ode", num_steps=steps, grid=policy.default_grid())
     with torch.no_grad():
         cond = policy.encode(PROMPTS)
         latents = sampler.sample(lambda x, t: policy.velocity(x, t, cond), noise).latents[-1]
@@ -54,7 +44,8 @@ def _policy_image(m: Model, policy, noise: torch.Tensor, steps: int) -> torch.Te
 
 def _stock_image(pipe, noise: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
     out = pipe(prompt=PROMPTS, height=TINY_RESOLUTION, width=TINY_RESOLUTION, num_inference_steps=steps,
-               guidance_scale=guidance, latents=noise.clone(), output_type="pt")
+               guidance_scale=guidance, latents=noise.clone(), output_type="pt",
+               max_sequence_length=128)  # the policies' default, the published trainers' prompt length
     return out.images
 
 
@@ -91,6 +82,7 @@ def _recipe(m: Model, tmp_path, *extra):
             "--trainer.enable_model_summary", "false", *extra]
 
 
+@pytest.mark.slow
 @MODELS
 def test_recipe_trains_two_iterations_and_its_lora_loads_into_a_stock_pipeline(tmp_path, model_root, m):
     # A larger learning rate than the recipes' so that two iterations change the image well beyond the parity
@@ -111,16 +103,14 @@ def test_recipe_trains_two_iterations_and_its_lora_loads_into_a_stock_pipeline(t
     last = f"transformer_blocks.{len(policy.pipeline.transformer.transformer_blocks) - 1}.attn.add_q_proj."
     assert all(last in n for n in unmoved) and len(unmoved) <= 1, unmoved
     assert all(torch.equal(frozen[n], params[n]) for n in frozen)  # base weights, encoders and VAE untouched
-    (version,) = list(tmp_path.glob("*/version_*"))
-    acc = EventAccumulator(str(version))
-    acc.Reload()
-    scalars = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-    assert scalars["train/ratio_drift_first"] == [0.0, 0.0]  # ratio exactly 1 before each iteration's first update
+    version = run_dir(tmp_path)
+    logged = scalars(version)
+    assert logged["train/ratio_drift_first"] == [0.0, 0.0]  # ratio exactly 1 before each iteration's first update
     for tag in ["train/reward", "train/reward/pickscore", "train/kl", "train/approx_kl", "eval/reward",
                 "eval/reward/pickscore"]:
-        assert tag in scalars and all(math.isfinite(v) for v in scalars[tag]), tag
+        assert tag in logged and all(math.isfinite(v) for v in logged[tag]), tag
     held_out = {"eval/hpsv2", "eval/clipscore"} if m is SD35 else set()  # Klein trains on all three
-    assert held_out <= set(scalars)
+    assert held_out <= set(logged)
     # Checkpoints keep the trainable weights only; a freshly built run restores them (strict loading).
     run.trainer.save_checkpoint(tmp_path / "last.ckpt")
     saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
@@ -179,21 +169,24 @@ def test_full_fine_tuning_with_a_kl_reference(tmp_path, model_root, m):
                                rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        [],
-        ["--model.sampler.init_args.rule", "flow_sde", "--model.sampler.init_args.eta", "0.7"],
-        ["--model.sampler.init_args.rule", "dance_sde", "--model.sampler.init_args.eta", "0.3"],
-        ["--model.sampler.init_args.rule", "cps", "--model.sampler.init_args.eta", "0.7"],
-        ["--model.sampler.init_args.sde_window", "[0, 4]"],
-    ],
-    ids=["precise", "flow_grpo", "dance_grpo", "cps", "mixgrpo_window"],
-)
-@MODELS
-def test_recipe_parses_with_every_rival_sampler(tmp_path, model_root, m, overrides):
-    run = cli.main(_recipe(m, tmp_path, "--model_root", str(model_root), *overrides), run=False)
-    assert run.model.sampler.sde_steps and isinstance(run.model.policy, m.policy)
+SAMPLER_OVERLAYS = {  # overlay: (rule, eta, ratio_norm, clip_range, stochastic steps of a 10-step grid)
+    "precise": ("precise", 1.5, True, 4e-6, list(range(9))),
+    "flow_grpo": ("flow_sde", 0.7, False, 1e-4, list(range(9))),
+    "dance_grpo": ("dance_sde", 0.3, False, 1e-4, list(range(9))),
+    "cps": ("cps", 0.7, False, 1e-4, list(range(9))),
+    "mixgrpo": ("flow_sde", 0.7, False, 1e-4, [0, 1, 2, 3]),
+}
+
+
+@pytest.mark.parametrize("overlay", SAMPLER_OVERLAYS)
+def test_sampler_overlays_set_the_sampler_and_its_published_ppo_settings(tmp_path, model_root, overlay):
+    """Each overlay on the SD3.5 recipe: the rule, its noise, its PPO settings; the recipe's steps and grid stay."""
+    run = cli.main(_recipe(SD35, tmp_path, "--model_root", str(model_root),
+                           "--config", f"configs/samplers/{overlay}.yaml"), run=False)
+    model, (rule, eta, ratio_norm, clip_range, steps) = run.model, SAMPLER_OVERLAYS[overlay]
+    assert (model.sampler.rule, model.sampler.eta, model.sampler.num_steps) == (rule, eta, 10)
+    assert (model.hparams.ratio_norm, model.hparams.clip_range, model.sampler.sde_steps) == (ratio_norm, clip_range, steps)
+    torch.testing.assert_close(model.sampler.timesteps, SD3Grid(3.0)(10), rtol=0, atol=0)  # the policy's grid
 
 
 @MODELS
@@ -232,10 +225,13 @@ def test_gradient_checkpointing_gives_the_same_velocity_and_gradients(model_root
 
 
 @MODELS
-def test_frozen_parts_load_in_text_dtype_and_the_transformer_in_float32(model_root, m):
+def test_text_encoders_load_in_text_dtype_the_vae_and_transformer_in_float32(model_root, m):
+    """The published trainers' precision: text encoders in the mixed-precision dtype, VAE and transformer float32."""
     policy = m.policy(resolution=TINY_RESOLUTION, text_dtype="bfloat16")
-    assert all(next(getattr(policy, c).parameters()).dtype == torch.bfloat16 for c in policy.frozen)
+    assert all(next(getattr(policy, c).parameters()).dtype == torch.bfloat16 for c in policy.frozen if c != "vae")
+    assert next(policy.vae.parameters()).dtype == torch.float32
     assert next(policy.denoiser.parameters()).dtype == torch.float32
+    assert next(m.policy(resolution=TINY_RESOLUTION, vae_dtype="bfloat16").vae.parameters()).dtype == torch.bfloat16
     with torch.no_grad():
         v = policy.velocity(torch.randn(2, *policy.latent_shape), torch.tensor(0.5), policy.encode(PROMPTS))
         images = policy.decode(torch.randn(2, *policy.latent_shape))

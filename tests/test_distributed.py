@@ -14,6 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from precise_lightning.tiny.models import SD35_MEDIUM
 
+pytestmark = pytest.mark.slow  # multi-process fits: minutes, left out of the inner loop
+
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 32  # images per iteration over all processes: 4 prompts x 8
 STRATEGIES = {

@@ -12,7 +12,7 @@ from torch import nn
 
 import cli
 from precise_lightning.callbacks import RewardScorer
-from test_trainer import _tiny  # the shrunk demo config
+from conftest import demo_args
 
 
 class Scripted(nn.Module):
@@ -33,7 +33,7 @@ class Scripted(nn.Module):
 
 
 def _run(tmp_path, *extra):
-    run = cli.main(_tiny(tmp_path, "--trainer.val_check_interval", "1000", "--model.eval_at_start", "false",
+    run = cli.main(demo_args(tmp_path, "--trainer.val_check_interval", "1000", "--model.eval_at_start", "false",
                          "--trainer.max_steps", "20", *extra), run=False)  # reward calls: rollouts only
     run.trainer.callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True))
     return run
@@ -140,10 +140,10 @@ def test_out_of_memory_is_reraised_with_the_knobs_that_help(tmp_path):
 )
 def test_checkpoint_of_another_policy_configuration_is_refused(tmp_path, change, message):
     lora = ["--model.policy.init_args.lora_rank", "4", "--model.policy.init_args.lora_targets", "[inp, out]"]
-    first = cli.main(_tiny(tmp_path / "a", "--trainer.max_steps", "2", *lora), run=False)
+    first = cli.main(demo_args(tmp_path / "a", "--trainer.max_steps", "2", *lora), run=False)
     first.trainer.fit(first.model, datamodule=first.datamodule)
     first.trainer.save_checkpoint(tmp_path / "a.ckpt")
-    other = cli.main(_tiny(tmp_path / "b", "--trainer.max_steps", "4", *lora, *change), run=False)
+    other = cli.main(demo_args(tmp_path / "b", "--trainer.max_steps", "4", *lora, *change), run=False)
     with pytest.raises(ValueError, match="made for another policy configuration") as error:
         other.trainer.fit(other.model, datamodule=other.datamodule, ckpt_path=tmp_path / "a.ckpt")
     assert re.search(message, str(error.value)), str(error.value)
@@ -152,7 +152,7 @@ def test_checkpoint_of_another_policy_configuration_is_refused(tmp_path, change,
 def test_same_seed_and_config_give_the_same_rollouts_and_first_update(tmp_path):
     runs = []
     for name in ("a", "b"):
-        run = cli.main(_tiny(tmp_path / name, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1000"),
+        run = cli.main(demo_args(tmp_path / name, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1000"),
                        run=False)
         run.trainer.fit(run.model, datamodule=run.datamodule)
         runs.append(run)
@@ -160,7 +160,7 @@ def test_same_seed_and_config_give_the_same_rollouts_and_first_update(tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
     for key in ("train/reward", "train/reward_std", "train/grad_norm", "train/policy_loss"):
         assert runs[0].trainer.callback_metrics[key] == runs[1].trainer.callback_metrics[key], key
-    other = cli.main(_tiny(tmp_path / "c", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1000",
+    other = cli.main(demo_args(tmp_path / "c", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1000",
                            "--seed_everything", "1"), run=False)
     other.trainer.fit(other.model, datamodule=other.datamodule)
     assert other.trainer.callback_metrics["train/reward_std"] != runs[0].trainer.callback_metrics["train/reward_std"]

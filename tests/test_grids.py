@@ -59,20 +59,15 @@ def test_bad_grids_are_rejected():
         Flux2Grid(0)
 
 
-class _Tokens:
-    image_seq_len = 256  # a FLUX.2 policy at 256 px
+class _Policy:
+    def default_grid(self):
+        return Flux2Grid(256)  # a FLUX.2 policy at 256 px
 
 
-def test_flux2_grid_takes_image_seq_len_from_the_policy():
-    sampler = Sampler("precise", num_steps=10, grid=Flux2Grid())  # image_seq_len null: waits for the policy
-    with pytest.raises(ValueError, match="Flux2Grid needs image_seq_len"):
-        sampler.timesteps  # noqa: B018
-    sampler.for_policy(_Tokens())
+def test_a_sampler_without_a_grid_samples_on_the_policy_s_own():
+    sampler = Sampler("precise", num_steps=10)
+    torch.testing.assert_close(sampler.timesteps, LinearGrid()(10), rtol=0, atol=0)  # no policy: uniform
+    sampler.for_policy(_Policy())
     torch.testing.assert_close(sampler.timesteps, Flux2Grid(256)(10), rtol=0, atol=0)
-    assert Sampler(grid=Flux2Grid(256)).for_policy(_Tokens()).grid.image_seq_len == 256  # agreeing value kept
-    assert SD3Grid().for_policy(_Tokens()).__class__ is SD3Grid  # other grids take nothing from the policy
-
-
-def test_flux2_grid_that_disagrees_with_the_policy_is_an_error():
-    with pytest.raises(ValueError, match=r"Flux2Grid image_seq_len \(1024\) does not match the policy's 256"):
-        Sampler(grid=Flux2Grid(1024)).for_policy(_Tokens())
+    chosen = Sampler("precise", num_steps=10, grid=SD3Grid()).for_policy(_Policy())  # a config's grid is kept
+    torch.testing.assert_close(chosen.timesteps, SD3Grid()(10), rtol=0, atol=0)

@@ -1,17 +1,14 @@
 """Reward mixes, held-out evaluation metrics, and the reward / ema / model_root sections of the command line."""
 
-from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 import cli
+from conftest import ROOT, demo_args, run_dir, tensorboard
 from precise_lightning.callbacks import EMA, RewardScorer
 from precise_lightning.rewards import CLIPScore, HPSv2, PickScore
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Fixed(nn.Module):
@@ -24,12 +21,6 @@ class Fixed(nn.Module):
     def forward(self, images, prompts):
         self.calls += 1
         return self.values[: len(images)]
-
-
-@pytest.fixture(autouse=True)
-def _in_repo(tmp_path_factory, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("PRECISE_LIGHTNING_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def test_raw_weighted_sum():
@@ -73,14 +64,8 @@ def test_bad_reward_settings(kwargs, message):
 
 
 def _demo(tmp_path, *extra):
-    return [
-        "--config", "configs/digits_precise.yaml",
-        "--model.policy.init_args.hidden", "32", "--model.policy.init_args.pretrain_steps", "20",
-        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_steps", "6",
-        "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--data.batch_size", "16", "--data.eval_batch_size", "8",
-        "--data.eval_repeats", "2", "--model.micro_batch_size", "8", *extra,
-    ]
+    return demo_args(tmp_path, "--trainer.max_steps", "6", "--data.eval_batch_size", "8", *extra,
+                     batch_size=16, micro_batch_size=8)
 
 
 def test_held_out_metrics_are_logged_at_evaluation_and_never_scored_on_rollouts(tmp_path, tiny_root):
@@ -96,9 +81,7 @@ def test_held_out_metrics_are_logged_at_evaluation_and_never_scored_on_rollouts(
     val_batches = len(run.datamodule.val_dataloader())  # two evaluations: at the start and after rollout 3
     assert run.trainer.global_step == 6 and val_batches >= 1
     assert calls == {name: 2 * val_batches for name in scorer.metrics}  # evaluation only: 3 rollouts ran too
-    (version,) = list(tmp_path.glob("*/version_*"))
-    acc = EventAccumulator(str(version))
-    acc.Reload()
+    acc = tensorboard(run_dir(tmp_path))
     tags = acc.Tags()["scalars"]
     for name in ("pickscore", "hpsv2", "clipscore"):
         assert f"eval/{name}" in tags and f"train/reward/{name}" not in tags

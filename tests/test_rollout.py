@@ -127,11 +127,12 @@ def test_rollout_function_rejects_stochastic_last_step():
         rollout(Linear(), torch.randn(1, 6), LinearGrid()(4), "precise", sde_steps=[3])
 
 
-def test_sampler_defaults_and_repr():
+def test_sampler_defaults_are_the_published_noise_levels():
+    """Precise's code: precise 1.5, dance_* 0.3, every other rule 0.7 (config/flux2_klein.py, _default_noise_level)."""
     s = Sampler()
     assert (s.rule, s.eta, s.num_steps) == ("precise", 1.5, 10)
-    assert Sampler("flow_sde").eta == 0.7 and Sampler("cps").eta == 0.7 and Sampler("dance_sde").eta == 0.3
-    assert "precise" in repr(s)
+    assert {r: Sampler(r).eta for r in ("flow_sde", "cps", "dance_sde", "dance_precise")} == {
+        "flow_sde": 0.7, "cps": 0.7, "dance_sde": 0.3, "dance_precise": 0.3}
 
 
 @pytest.mark.parametrize(

@@ -148,14 +148,21 @@ def test_flow_sde_matches_flow_grpo_expanded_form():
     assert not torch.allclose(mean_ctx, transition("flow_sde", x, v, 1.0, 0.9, 0.7)[0])
 
 
-def test_dance_sde_matches_dance_grpo_form():
-    x, v = _xv()
-    t, t_next, eta = 0.7, 0.5, 0.3
-    x0 = x - t * v
-    score = -(x - x0 * (1 - t)) / t**2
-    ref = x + (t_next - t) * v - 0.5 * eta**2 * score * (t_next - t)
+@pytest.mark.parametrize("t,t_next", [(0.9, 0.7), (0.5, 0.4), (0.3, 0.1)])
+def test_dance_sde_is_euler_maruyama_of_the_reverse_sde_with_the_exact_score(t, t_next):
+    """Gaussian data x0 ~ N(m, s^2): the exact velocity E[eps - x0 | x_t] comes from Gaussian conditioning and the
+    exact score from torch.distributions by autograd. DanceGRPO's step must be one Euler-Maruyama step of the
+    reverse SDE dx = [v - eta^2/2 score] dt + eta dW (dt = t' - t < 0)."""
+    m, s, eta = 0.4, 0.6, 0.3
+    x = torch.linspace(-2.0, 2.0, 9, dtype=torch.float64).requires_grad_(True)
+    var = (1 - t) ** 2 * s**2 + t**2  # x_t = (1 - t) x0 + t eps
+    law = torch.distributions.Normal(torch.tensor((1 - t) * m, dtype=x.dtype), torch.tensor(var, dtype=x.dtype).sqrt())
+    score = torch.autograd.grad(law.log_prob(x).sum(), x)[0]
+    x = x.detach()
+    centred = x - (1 - t) * m
+    v = t / var * centred - (m + (1 - t) * s**2 / var * centred)  # E[eps | x_t] - E[x0 | x_t]
     mean, std = transition("dance_sde", x, v, t, t_next, eta)
-    torch.testing.assert_close(mean, ref)
+    torch.testing.assert_close(mean, x + (t_next - t) * (v - eta**2 / 2 * score), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(std, torch.tensor(eta * math.sqrt(t - t_next), dtype=torch.float64))
 
 

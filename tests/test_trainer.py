@@ -2,80 +2,46 @@
 
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cli
+from conftest import ROOT, demo_args, run_dir, scalars, tensorboard
 from precise_lightning.callbacks import EMA, RewardScorer
 from precise_lightning.modules import DigitsPolicy, GRPOModule
 from precise_lightning.sampling import Sampler
 
-ROOT = Path(__file__).resolve().parents[1]
 # The demo's configs (overlays have no model section; the base-model recipes are parsed in test_sd3.py).
 CONFIGS = [p for p in sorted((ROOT / "configs").glob("*.yaml"))
            if "DigitsPolicy" in str(yaml.safe_load(p.read_text()).get("model", {}).get("policy"))]
 
 
-@pytest.fixture(autouse=True)
-def _small_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("PRECISE_LIGHTNING_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-def _tiny(tmp_path, *extra):
-    """The demo config, shrunk: a small base model, few steps, logs under tmp_path."""
-    return [
-        "--config", "configs/digits_precise.yaml",
-        "--model.policy.init_args.hidden", "64",
-        "--model.policy.init_args.pretrain_steps", "30",
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--trainer.max_steps", "8",
-        "--trainer.val_check_interval", "3",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--data.batch_size", "32",
-        "--data.eval_batch_size", "16",
-        "--data.eval_repeats", "2",
-        "--model.micro_batch_size", "16",
-        *extra,
-    ]
-
-
-def _scalars(log_dir: Path) -> dict[str, list[float]]:
-    (version,) = list(log_dir.glob("*/version_*"))
-    acc = EventAccumulator(str(version))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc.Tags()["images"]
-
-
 def test_demo_fit_changes_weights_and_logs_finite_scalars(tmp_path):
-    run = cli.main(_tiny(tmp_path, "--trainer.default_root_dir", str(tmp_path)), run=False)
+    run = cli.main(demo_args(tmp_path, "--trainer.default_root_dir", str(tmp_path)), run=False)
     before = {n: p.detach().clone() for n, p in run.model.policy.named_trainable_parameters()}
     run.trainer.fit(run.model, datamodule=run.datamodule)
     after = dict(run.model.policy.named_trainable_parameters())
     assert run.trainer.global_step == 8
     assert any(not torch.equal(before[n], after[n]) for n in before)
-    scalars, images = _scalars(tmp_path)
+    logged = scalars(run_dir(tmp_path))
     for tag in ["train/reward", "train/reward/digit", "train/kl", "train/clip_fraction", "train/approx_kl",
                 "train/ratio_mean", "train/ratio_min", "train/ratio_max", "train/grad_norm", "time/encode_s", "time/rollout_s",
                 "time/reward_s", "time/update_s", "eval/reward", "eval/reward/digit", "ema/decay", "perf/s_per_rollout",
                 "perf/images_per_s", "train/flat_groups", "train/skipped_updates", "train/reward_std"]:
-        assert tag in scalars, tag
-    for tag, values in scalars.items():
+        assert tag in logged, tag
+    for tag, values in logged.items():
         assert all(math.isfinite(v) for v in values), tag
-    assert scalars["train/ratio_drift_first"] == [0.0] * 4  # ratio exactly 1 before each rollout's first update
-    assert len(scalars["eval/reward"]) == 2  # the starting weights (eval_at_start), then after rollout 3
-    assert "eval/samples" in images
+    assert logged["train/ratio_drift_first"] == [0.0] * 4  # ratio exactly 1 before each rollout's first update
+    assert len(logged["eval/reward"]) == 2  # the starting weights (eval_at_start), then after rollout 3
+    assert "eval/samples" in tensorboard(run_dir(tmp_path)).Tags()["images"]
     run.trainer.save_checkpoint(tmp_path / "final.ckpt")
     state = torch.load(tmp_path / "final.ckpt", map_location="cpu", weights_only=False)
     ema_state = next(v for k, v in state["callbacks"].items() if k.startswith("EMA"))
     assert set(ema_state["shadow"]) == set(before) and ema_state["num_updates"] == 1  # at step 8
     # `validate --ckpt_path` restores the EMA and evaluates with it
-    again = cli.main(_tiny(tmp_path / "validate"), run=False)
+    again = cli.main(demo_args(tmp_path / "validate"), run=False)
     ema = next(cb for cb in again.trainer.callbacks if isinstance(cb, EMA))
     again.trainer.validate(again.model, datamodule=again.datamodule, ckpt_path=tmp_path / "final.ckpt", verbose=False)
     assert ema.num_updates == 1
@@ -110,7 +76,7 @@ def test_ratio_is_exactly_one_at_first_inner_step(tmp_path, rule, ratio_norm):
 
 
 def test_demo_runs_in_bf16_mixed_with_ratio_exactly_one(tmp_path):
-    run = cli.main(_tiny(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "4"), run=False)
+    run = cli.main(demo_args(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "4"), run=False)
     before = {n: p.detach().clone() for n, p in run.model.policy.named_trainable_parameters()}
     run.trainer.fit(run.model, datamodule=run.datamodule)
     assert run.trainer.callback_metrics["train/ratio_drift_first"] == 0
@@ -154,17 +120,9 @@ def test_every_config_parses(config):
     assert any(isinstance(cb, RewardScorer) for cb in run.trainer.callbacks)
 
 
-def test_sampler_swapped_from_command_line(tmp_path):
-    run = cli.main(_tiny(tmp_path, "--model.sampler.init_args.eta", "1.0"), run=False)
-    assert run.model.sampler.eta == 1.0 and run.model.sampler.rule == "precise"
-    run = cli.main(_tiny(tmp_path, "--model.sampler.init_args.rule", "flow_sde", "--model.sampler.init_args.eta", "0.7"),
-                   run=False)
-    assert run.model.sampler.rule == "flow_sde"
-
-
 def test_print_config_is_complete_and_runnable(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["fit", *_tiny(tmp_path), "--print_config"])
+        cli.main(["fit", *demo_args(tmp_path), "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     for key in ("class_path: precise_lightning.sampling.Sampler", "rule: precise", "group_size: 8", "clip_range"):
@@ -188,20 +146,20 @@ def test_print_config_is_complete_and_runnable(tmp_path, capsys):
 )
 def test_bad_configs_fail_with_a_message(tmp_path, extra, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        cli.main(_tiny(tmp_path, *extra), run=False)
+        cli.main(demo_args(tmp_path, *extra), run=False)
 
 
 def test_micro_batches_must_split_evenly_checked_at_parse(tmp_path, monkeypatch):
     monkeypatch.setattr("precise_lightning.modules.digits.DigitsFlowNet",
                         lambda *a, **k: pytest.fail("a model was built before the check"))
     with pytest.raises(ValueError, match=r"data.batch_size \(32\) must split into micro-batches of 12"):
-        cli.main(_tiny(tmp_path, "--model.micro_batch_size", "12"), run=False)
+        cli.main(demo_args(tmp_path, "--model.micro_batch_size", "12"), run=False)
     with pytest.raises(ValueError, match=r"whose number is a multiple of model.updates_per_rollout \(3\)"):
-        cli.main(_tiny(tmp_path, "--model.updates_per_rollout", "3"), run=False)
+        cli.main(demo_args(tmp_path, "--model.updates_per_rollout", "3"), run=False)
 
 
 def test_progress_bar_counts_rollouts_of_the_run(tmp_path, capsys):
-    run = cli.main(_tiny(tmp_path, "--trainer.enable_progress_bar", "true"), run=False)
+    run = cli.main(demo_args(tmp_path, "--trainer.enable_progress_bar", "true"), run=False)
     run.trainer.fit(run.model, datamodule=run.datamodule)
     bar = run.trainer.progress_bar_callback
     assert type(bar).__name__ == "RolloutProgressBar"
@@ -211,14 +169,14 @@ def test_progress_bar_counts_rollouts_of_the_run(tmp_path, capsys):
 
 
 def test_missing_reward_scorer_is_explained(tmp_path):
-    run = cli.main(_tiny(tmp_path), run=False)
+    run = cli.main(demo_args(tmp_path), run=False)
     run.trainer.callbacks = [cb for cb in run.trainer.callbacks if not isinstance(cb, RewardScorer)]
     with pytest.raises(ValueError, match="GRPO needs exactly one RewardScorer"):
         run.trainer.fit(run.model, datamodule=run.datamodule)
 
 
 def test_lora_fit_with_kl_and_ratio_norm(tmp_path):
-    run = cli.main(_tiny(tmp_path, "--model.beta", "0.05", "--model.ratio_norm", "true", "--model.inner_epochs", "2",
+    run = cli.main(demo_args(tmp_path, "--model.beta", "0.05", "--model.ratio_norm", "true", "--model.inner_epochs", "2",
                          "--model.policy.init_args.lora_rank", "4",
                          "--model.policy.init_args.lora_targets", "[inp, mid1, mid2, out]"), run=False)
     before = {n: p.detach().clone() for n, p in run.model.policy.named_trainable_parameters()}
@@ -244,23 +202,11 @@ def test_train_fraction_picks_a_sorted_random_subset(tmp_path):
     assert _module(tmp_path).trained_steps([0, 1, 2]) == [0, 1, 2]
 
 
-def test_stacked_configs_override_in_order(tmp_path):
-    override = tmp_path / "flow_grpo.yaml"
-    override.write_text(
-        "model:\n  sampler:\n    class_path: precise_lightning.sampling.Sampler\n"
-        "    init_args: {rule: flow_sde, eta: 0.7, sde_window: [1, 4]}\n  beta: 0.01\n"
-    )
-    run = cli.main(_tiny(tmp_path, "--config", str(override), "--model.beta", "0.02"), run=False)
-    assert (run.model.sampler.rule, run.model.sampler.eta, run.model.sampler.sde_steps) == ("flow_sde", 0.7, [1, 2, 3])
-    assert run.model.hparams.beta == 0.02  # the command line wins over both files
-    assert run.model.sampler.num_steps == 10  # untouched keys keep the first file's value
-
-
 def test_resume_from_checkpoint_continues_where_it_stopped(tmp_path):
-    first = cli.main(_tiny(tmp_path / "a", "--trainer.max_steps", "4"), run=False)
+    first = cli.main(demo_args(tmp_path / "a", "--trainer.max_steps", "4"), run=False)
     first.trainer.fit(first.model, datamodule=first.datamodule)
     first.trainer.save_checkpoint(tmp_path / "mid.ckpt")
-    resumed = cli.main(_tiny(tmp_path / "b", "--trainer.max_steps", "10"), run=False)
+    resumed = cli.main(demo_args(tmp_path / "b", "--trainer.max_steps", "10"), run=False)
     ema = next(cb for cb in resumed.trainer.callbacks if isinstance(cb, EMA))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -273,7 +219,7 @@ def test_resume_from_checkpoint_continues_where_it_stopped(tmp_path):
 
 
 def test_sliding_window_moves_between_rollouts_in_fit(tmp_path):
-    run = cli.main(_tiny(tmp_path, "--model.sampler.init_args.sde_window", "[0,3]",
+    run = cli.main(demo_args(tmp_path, "--model.sampler.init_args.sde_window", "[0,3]",
                          "--model.sampler.init_args.window_shift_every", "1",
                          "--model.sampler.init_args.window_stride", "3"), run=False)
     trained = []

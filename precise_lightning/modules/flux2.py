@@ -2,54 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import Flux2KleinPipeline
 from torch import Tensor, nn
 
-from precise_lightning.hub import Dtype
 from precise_lightning.modules.pipeline_policy import PipelinePolicy, denoiser_dtype
+from precise_lightning.sampling import Flux2Grid
 
 
 class Flux2KleinPolicy(PipelinePolicy):
     """FLUX.2 Klein: Qwen3 prompt embeddings (the pipeline's hidden layers), latents kept as the pipeline's
     patchified ``[4C, H/16, W/16]`` grid and packed into tokens with its position ids for each transformer call,
-    decoded with the VAE's batch-norm statistics. The grid to sample on is ``Flux2Grid(image_seq_len)`` with
-    ``image_seq_len = (resolution / 16)^2`` (:attr:`image_seq_len`).
-
-    Args:
-        model: hub id or local directory of a diffusers FLUX.2 Klein pipeline (``black-forest-labs/FLUX.2-klein-base-4B``).
-        revision: hub revision.
-        resolution: image side in pixels (a multiple of twice the VAE factor).
-        guidance_scale: classifier-free guidance weight; 1 disables it (the Precise recipe trains without guidance).
-        negative_prompt: the unconditional prompt.
-        max_sequence_length: Qwen3 tokens (the pipeline's default, 512).
-        text_dtype: dtype of the frozen text encoder and VAE (default bfloat16 on GPU machines, float32 on CPU).
-        gradient_checkpointing: recompute transformer activations in the backward pass.
-        lora_rank, lora_alpha, lora_targets: see :class:`Policy` (0 = full fine-tuning of the transformer).
+    decoded with the VAE's batch-norm statistics, sampled on the pipeline's grid for the policy's resolution
+    (``Flux2Grid(image_seq_len)``). Arguments: :class:`PipelinePolicy`'s (``model`` defaults to Klein base 4B).
     """
 
     pipeline_class = Flux2KleinPipeline
     frozen = ("text_encoder", "vae")
 
-    def __init__(
-        self,
-        model: str = "black-forest-labs/FLUX.2-klein-base-4B",
-        revision: str | None = None,
-        resolution: int = 512,
-        guidance_scale: float = 1.0,
-        negative_prompt: str = "",
-        max_sequence_length: int = 512,
-        text_dtype: Dtype | None = None,
-        gradient_checkpointing: bool = False,
-        lora_rank: int = 0,
-        lora_alpha: float | None = None,
-        lora_targets: list[str] | None = None,
-    ) -> None:
-        self.max_sequence_length = max_sequence_length
-        super().__init__(model, revision, resolution, guidance_scale, negative_prompt, text_dtype,
-                         gradient_checkpointing, lora_rank, lora_alpha, lora_targets)
-        if self.pipeline.config.is_distilled and guidance_scale > 1:
+    def __init__(self, model: str = "black-forest-labs/FLUX.2-klein-base-4B", **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        if self.pipeline.config.is_distilled and self.guidance_scale > 1:
             raise ValueError("this FLUX.2 Klein checkpoint is step-distilled and ignores guidance: set guidance_scale 1")
+
+    def default_grid(self) -> Flux2Grid:
+        """``linspace(1, 1/N, N)`` shifted by FLUX.2's empirical mu at this resolution's latent tokens."""
+        return Flux2Grid(self.image_seq_len)
 
     def latent_shape_for(self, pipe: Flux2KleinPipeline, resolution: int) -> tuple[int, ...]:
         factor = pipe.vae_scale_factor * 2

@@ -23,7 +23,7 @@ from precise_lightning.callbacks.progress import RolloutProgressBar
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
 from precise_lightning.hub import Dtype
 from precise_lightning.modules.checks import micro_slices, update_groups
-from precise_lightning.modules.guard import NonFiniteGuard, non_finite_parts, oom_advice
+from precise_lightning.modules.guard import NonFiniteGuard, destroy_process_group_at_exit, non_finite_parts, oom_advice
 from precise_lightning.modules.logs import log_iteration
 from precise_lightning.modules.losses import (
     flat_groups,
@@ -103,7 +103,7 @@ class GRPOModule(LightningModule):
             raise ValueError(f"the training sampler must be stochastic, got {self.sampler}: use e.g. rule 'precise'")
         self.eval_sampler = eval_sampler or Sampler("ode", num_steps=self.sampler.num_steps, grid=self.sampler.grid)
         for s in (self.sampler, self.eval_sampler):
-            s.for_policy(policy)  # e.g. FLUX.2's grid shift depends on the policy's latent tokens per image
+            s.for_policy(policy)  # a sampler without a grid samples on the policy's own
         checks = [
             (clip_range > 0, f"clip_range must be > 0, got {clip_range}"),
             (adv_clip_max > 0, f"adv_clip_max must be > 0, got {adv_clip_max}"),
@@ -144,6 +144,8 @@ class GRPOModule(LightningModule):
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
         if stage == "fit" and batch_size:
             self._micro_slices(batch_size)  # fail before the first rollout, not inside it
+        if torch.distributed.is_initialized():
+            destroy_process_group_at_exit()
         # seed_everything seeds every rank alike; without it rank 0's random seed is shared (checkpoints restore it)
         self.seed = self.trainer.strategy.broadcast(torch.initial_seed() % 2**62)
 

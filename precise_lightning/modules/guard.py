@@ -1,8 +1,10 @@
-"""Faults a long run must survive or explain: non-finite values (skip the update, stop after too many in a row)
-and running out of memory (say which knobs lower it)."""
+"""Faults a long run must survive or explain: non-finite values (skip the update, stop after too many in a row),
+running out of memory (say which knobs lower it), and a distributed run that would abort at exit."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import warnings
 
 import torch
@@ -70,3 +72,19 @@ def oom_advice(phase: str, batch_size: int, micro_batch_size: int, lora_rank: in
                      "(FSDP2, see the README's section on scale)")
     return f"out of memory in the {phase} phase. To use less memory:\n  - " + "\n  - ".join(knobs)
 
+
+@functools.cache  # once per process
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, whatever the backend.
+
+    Lightning registers this for NCCL only. A gloo group (CPU runs, and ``cpu:gloo`` collectives beside NCCL) left
+    to interpreter finalization can hold pending work whose tensors are freed after Python is gone, and the
+    process then dies with ``terminate called without an active exception`` (exit -6) after a finished run
+    (pytorch/pytorch#190489).
+    """
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -13,13 +13,29 @@ from precise_lightning.modules.policy import Policy
 
 
 class PipelinePolicy(Policy):
-    """A :class:`Policy` over a diffusers pipeline's components. Subclasses set ``pipeline_class`` and ``frozen``
-    (the components that never train) and implement :meth:`encode_prompts`, :meth:`transformer_velocity`,
-    :meth:`latent_shape_for` and :meth:`decode`, reusing the pipeline's own methods so that the ODE rollout equals
-    the stock pipeline's.
+    """A :class:`Policy` over a diffusers pipeline's components, reusing the pipeline's own methods so that the ODE
+    rollout equals the stock pipeline's. A model is one subclass: it sets ``pipeline_class`` and ``frozen`` (the
+    components that never train), gives ``model`` its default and passes every other argument through
+    (``**kwargs``, which the command line still resolves), and implements :meth:`encode_prompts`,
+    :meth:`transformer_velocity`, :meth:`latent_shape_for`, :meth:`decode` and, if its pipeline has its own time
+    grid, :meth:`default_grid`.
 
     With ``guidance_scale > 1`` the velocity is ``v_uncond + w (v_cond - v_uncond)`` in rollout and training alike,
     computed in one batched forward (unconditional half first).
+
+    Args:
+        model: hub id or local directory of the diffusers pipeline.
+        revision: hub revision (a commit hash pins the weights).
+        resolution: image side in pixels (must fit the latent grid).
+        guidance_scale: classifier-free guidance weight, in rollout and training; 1 disables it.
+        negative_prompt: the unconditional prompt.
+        detach_uncond: with guidance, no gradient through the unconditional half in training (Flow-GRPO's SD3
+            update); the velocity, and so the ratio, is unchanged.
+        max_sequence_length: prompt tokens of the (last) text encoder; both published trainers use 128.
+        text_dtype: dtype of the frozen text encoders (default bfloat16 on GPU machines, float32 on CPU).
+        vae_dtype: dtype of the frozen VAE (the published trainers decode in float32).
+        gradient_checkpointing: recompute transformer activations in the backward pass (less memory, slower).
+        lora_rank, lora_alpha, lora_targets: see :class:`Policy` (0 = full fine-tuning of the transformer).
     """
 
     frozen: tuple[str, ...]
@@ -28,30 +44,37 @@ class PipelinePolicy(Policy):
     def __init__(
         self,
         model: str,
-        revision: str | None,
-        resolution: int,
-        guidance_scale: float,
-        negative_prompt: str,
-        text_dtype: Dtype | None,
-        gradient_checkpointing: bool,
-        lora_rank: int,
-        lora_alpha: float | None,
-        lora_targets: list[str] | None,
+        revision: str | None = None,
+        resolution: int = 512,
+        guidance_scale: float = 1.0,
+        negative_prompt: str = "",
+        detach_uncond: bool = False,
+        max_sequence_length: int = 128,
+        text_dtype: Dtype | None = None,
+        vae_dtype: Dtype = "float32",
+        gradient_checkpointing: bool = False,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_targets: list[str] | None = None,
     ) -> None:
         super().__init__(lora_rank, lora_alpha, lora_targets)
         if guidance_scale < 1:
             raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}")
+        if max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
         name = self.pipeline_class.__name__
         # Frozen parts load straight into their dtype (T5-XXL never passes through float32 in host memory).
-        dtypes = {component: frozen_dtype(text_dtype) for component in self.frozen} | {"default": torch.float32}
+        dtypes = {c: frozen_dtype(vae_dtype if c == "vae" else text_dtype) for c in self.frozen}
         pipe = load_pretrained(self.pipeline_class.from_pretrained, model, f"{name} weights",
-                               "model.policy.init_args.model", revision=revision, dtype=dtypes)
+                               "model.policy.init_args.model", revision=revision,
+                               dtype=dtypes | {"default": torch.float32})
         self.latent_shape = self.latent_shape_for(pipe, resolution)
         for component in self.frozen:  # registered here so that Lightning moves them with the policy
             setattr(self, component, getattr(pipe, component).eval().requires_grad_(False))
         self.pipeline = pipe  # not a module: its own methods act on the components above
         self.model = model
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
+        self.detach_uncond, self.max_sequence_length = detach_uncond, max_sequence_length
         self._negative: dict[str, Tensor] | None = None
         if gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
@@ -97,6 +120,8 @@ class PipelinePolicy(Policy):
         both = {k: torch.cat([cond[f"neg_{k}"], cond[k]]) for k in cond if not k.startswith("neg_")}
         v = self.transformer_velocity(self.active_denoiser, torch.cat([x, x]), torch.cat([t, t]), both).float()
         v_uncond, v_cond = v.chunk(2)
+        if self.detach_uncond:
+            v_uncond = v_uncond.detach()
         return (v_uncond + self.guidance_scale * (v_cond - v_uncond)).to(x.dtype)
 
 

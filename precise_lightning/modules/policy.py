@@ -18,6 +18,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
 
+from precise_lightning.sampling import LinearGrid, TimeGrid
+
 
 def slice_cond(cond: Any, index: slice | Tensor) -> Any:
     """Select batch rows of a conditioning (a tensor, or a dict / tuple of tensors)."""
@@ -148,6 +150,10 @@ class Policy(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
+
+    def default_grid(self) -> TimeGrid:
+        """The time grid a sampler without one of its own samples on: uniform in t unless the model says otherwise."""
+        return LinearGrid()
 
     def encode(self, prompts: list[str]) -> Any:
         raise NotImplementedError

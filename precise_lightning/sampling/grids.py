@@ -7,8 +7,6 @@ small classes that wrap them so a config can choose a grid by ``class_path``.
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -71,15 +69,6 @@ class TimeGrid:
     def __call__(self, num_steps: int) -> Tensor:
         raise NotImplementedError
 
-    @property
-    def complete(self) -> bool:
-        """Whether the grid can be computed now, or still waits for :meth:`for_policy`."""
-        return True
-
-    def for_policy(self, policy: Any) -> TimeGrid:
-        """This grid completed with what it takes from the policy (nothing, for most grids)."""
-        return self
-
 
 class _ShiftedGrid(TimeGrid):
     def __init__(self, shift: float) -> None:
@@ -109,29 +98,13 @@ class SD3Grid(_ShiftedGrid):
 
 
 class Flux2Grid(TimeGrid):
-    """FLUX.2 Klein grid; ``image_seq_len`` is latent tokens per image (1024 at 512 px). None takes it from the
-    policy's resolution when the GRPO module is built (:meth:`for_policy`)."""
+    """FLUX.2 Klein grid; ``image_seq_len`` is latent tokens per image (1024 at 512 px). A FLUX.2 policy's own
+    grid (``Flux2KleinPolicy.default_grid``) takes it from the policy's resolution."""
 
-    def __init__(self, image_seq_len: int | None = None) -> None:
-        if image_seq_len is not None and image_seq_len < 1:
-            raise ValueError(f"image_seq_len must be >= 1, got {image_seq_len}")
+    def __init__(self, image_seq_len: int) -> None:
+        if image_seq_len < 1:
+            raise ValueError(f"image_seq_len must be >= 1 (latent tokens per image), got {image_seq_len}")
         self.image_seq_len = image_seq_len
 
     def __call__(self, num_steps: int) -> Tensor:
-        if self.image_seq_len is None:
-            raise ValueError("Flux2Grid needs image_seq_len (latent tokens per image): give it, or let GRPOModule "
-                             "take it from the policy's resolution")
         return flux2_timesteps(num_steps, self.image_seq_len)
-
-    @property
-    def complete(self) -> bool:
-        return self.image_seq_len is not None
-
-    def for_policy(self, policy: Any) -> Flux2Grid:
-        tokens = getattr(policy, "image_seq_len", None)
-        if tokens is None or self.image_seq_len == tokens:
-            return self
-        if self.image_seq_len is not None:
-            raise ValueError(f"Flux2Grid image_seq_len ({self.image_seq_len}) does not match the policy's {tokens} "
-                             "latent tokens per image: leave image_seq_len null to take it from the resolution")
-        return Flux2Grid(tokens)

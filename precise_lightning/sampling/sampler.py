@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -17,7 +19,8 @@ class Sampler:
         rule: step rule, one of ``ode``, ``flow_sde``, ``dance_sde``, ``cps``, ``precise``, ``dance_precise``.
         eta: noise level; None takes the rule's default (precise 1.5, flow_sde / cps 0.7, dance 0.3).
         num_steps: number of steps N (network evaluations), at least 2.
-        grid: time grid family; default uniform in t.
+        grid: time grid family; None takes the policy's own (SD3: the scheduler's shifted grid; FLUX.2 Klein: its
+            pipeline's grid at the policy's resolution; others, and a sampler used without a policy: uniform in t).
         sde_window: ``[start, stop)`` step indices that are stochastic (MixGRPO / Flow-GRPO "fast"); the others
             are Euler steps. None makes every step but the last stochastic.
         log_prob_reduce: ``mean`` (reference implementations, clip ranges calibrated to it) or ``sum`` over elements.
@@ -47,7 +50,7 @@ class Sampler:
         if log_prob_reduce not in ("mean", "sum"):
             raise ValueError(f"log_prob_reduce must be 'mean' or 'sum', got {log_prob_reduce!r}")
         self.log_prob_reduce = log_prob_reduce
-        self.grid = grid if grid is not None else LinearGrid()
+        self.grid = grid
         if sde_window is not None:
             start, stop = sde_window
             if rule == "ode":
@@ -66,23 +69,25 @@ class Sampler:
                                  "must be >= 1")
         self.window_shift_every, self.window_stride = window_shift_every, window_stride
         self._timesteps: Tensor | None = None
-        if self.grid.complete:  # else for_policy completes and validates it
+        if grid is not None:
             self.timesteps  # noqa: B018 - validates the grid now, at config parse
 
-    def for_policy(self, policy) -> Sampler:
-        """Complete the grid with what it takes from the policy (FLUX.2: latent tokens per image); returns self."""
-        self.grid = self.grid.for_policy(policy)
-        self._timesteps = None
-        self.timesteps  # noqa: B018
+    def for_policy(self, policy: Any) -> Sampler:
+        """Without a grid of its own, take the policy's (``policy.default_grid()``); returns self."""
+        if self.grid is None:
+            self.grid = policy.default_grid()
+            self._timesteps = None
+            self.timesteps  # noqa: B018
         return self
 
     @property
     def timesteps(self) -> Tensor:
         """[N + 1] float64, from 1 to 0."""
         if self._timesteps is None:
-            times = self.grid(self.num_steps)
+            grid = self.grid if self.grid is not None else LinearGrid()
+            times = grid(self.num_steps)
             if not (times[0] == 1 and times[-1] == 0 and (times.diff() < 0).all()):
-                raise ValueError(f"{type(self.grid).__name__} must give times decreasing from 1 to 0")
+                raise ValueError(f"{type(grid).__name__} must give times decreasing from 1 to 0")
             self._timesteps = times
         return self._timesteps
 
