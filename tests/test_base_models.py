@@ -76,6 +76,35 @@ def test_guidance_changes_the_velocity_as_the_formula_says(model_root, m):
     torch.testing.assert_close(guided, v_uncond + 3.0 * (v_cond - v_uncond), rtol=1e-5, atol=1e-5)
 
 
+@MODELS
+def test_detached_unconditional_half_leaves_only_the_conditional_gradient(model_root, m):
+    """With detach_uncond the guided velocity is unchanged and its gradient is w * grad(v_cond) (the unconditional
+    half a constant), Flow-GRPO's update; without it the unconditional half's gradient (1 - w) grad(v_uncond) adds."""
+    lora = dict(resolution=TINY_RESOLUTION, lora_rank=4, lora_targets=["to_q", "to_k", "to_v"])
+    t, w = torch.tensor(0.6), 4.5
+    grads, values = {}, {}
+    for detach in (True, False):
+        torch.manual_seed(0)
+        policy = m.policy(guidance_scale=w, detach_uncond=detach, **lora)
+        with torch.no_grad():
+            for p in policy.trainable_parameters():
+                p.normal_(0, 0.1)  # LoRA B starts at 0: give both halves a gradient path
+        x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(1))
+        weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+        cond = policy.encode(PROMPTS)
+        v = policy.velocity(x, t, cond)
+        grads[detach] = torch.autograd.grad((v * weight).sum(), policy.trainable_parameters())
+        values[detach] = v.detach()
+        if detach:
+            policy.guidance_scale = 1.0
+            v_cond = policy.velocity(x, t, {k: c for k, c in cond.items() if not k.startswith("neg_")})
+            expected = torch.autograd.grad((w * v_cond * weight).sum(), policy.trainable_parameters())
+    torch.testing.assert_close(values[True], values[False])
+    for got, want in zip(grads[True], expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads[True], grads[False]))
+
+
 def _recipe(m: Model, tmp_path, *extra):
     return ["--config", m.config, "--config", "configs/tiny_cpu.yaml",
             "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
@@ -106,8 +135,8 @@ def test_recipe_trains_two_iterations_and_its_lora_loads_into_a_stock_pipeline(t
     version = run_dir(tmp_path)
     logged = scalars(version)
     assert logged["train/ratio_drift_first"] == [0.0, 0.0]  # ratio exactly 1 before each iteration's first update
-    for tag in ["train/reward", "train/reward/pickscore", "train/kl", "train/approx_kl", "eval/reward",
-                "eval/reward/pickscore"]:
+    for tag in ["train/reward", "train/reward_pickscore", "train/kl", "train/approx_kl", "eval/reward",
+                "eval/reward_pickscore"]:
         assert tag in logged and all(math.isfinite(v) for v in logged[tag]), tag
     held_out = {"eval/hpsv2", "eval/clipscore"} if m is SD35 else set()  # Klein trains on all three
     assert held_out <= set(logged)

@@ -84,10 +84,10 @@ def test_held_out_metrics_are_logged_at_evaluation_and_never_scored_on_rollouts(
     acc = tensorboard(run_dir(tmp_path))
     tags = acc.Tags()["scalars"]
     for name in ("pickscore", "hpsv2", "clipscore"):
-        assert f"eval/{name}" in tags and f"train/reward/{name}" not in tags
+        assert f"eval/{name}" in tags and f"train/reward_{name}" not in tags
         events = acc.Scalars(f"eval/{name}")
         assert len(events) == 2 and all(torch.isfinite(torch.tensor(e.value)) for e in events)
-    assert "eval/reward/digit" in tags and "train/reward/digit" in tags
+    assert "eval/reward_digit" in tags and "train/reward_digit" in tags
 
 
 def test_reward_and_ema_are_overridable_from_the_command_line(tmp_path):

@@ -26,9 +26,9 @@ def test_demo_fit_changes_weights_and_logs_finite_scalars(tmp_path):
     assert run.trainer.global_step == 8
     assert any(not torch.equal(before[n], after[n]) for n in before)
     logged = scalars(run_dir(tmp_path))
-    for tag in ["train/reward", "train/reward/digit", "train/kl", "train/clip_fraction", "train/approx_kl",
+    for tag in ["train/reward", "train/reward_digit", "train/kl", "train/clip_fraction", "train/approx_kl",
                 "train/ratio_mean", "train/ratio_min", "train/ratio_max", "train/grad_norm", "time/encode_s", "time/rollout_s",
-                "time/reward_s", "time/update_s", "eval/reward", "eval/reward/digit", "ema/decay", "perf/s_per_rollout",
+                "time/reward_s", "time/update_s", "eval/reward", "eval/reward_digit", "ema/decay", "perf/s_per_rollout",
                 "perf/images_per_s", "train/flat_groups", "train/skipped_updates", "train/reward_std"]:
         assert tag in logged, tag
     for tag, values in logged.items():

@@ -45,7 +45,7 @@ class RewardScorer(Callback):
         if clash:
             raise ValueError(
                 f"reward.metrics {sorted(clash)} are also training rewards, whose evaluation values are logged as "
-                "eval/reward/<name> already: remove them from reward.metrics"
+                "eval/reward_<name> already: remove them from reward.metrics"
             )
         self.rewards = rewards
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in rewards}

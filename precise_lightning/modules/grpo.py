@@ -426,7 +426,7 @@ class GRPOModule(LightningModule):
         return {"images": images, "prompts": prompts, "rewards": rewards}
 
     def on_validation_epoch_end(self) -> None:
-        metrics = {"eval/reward": self.eval_reward} | {f"eval/reward/{n}": m for n, m in self.eval_components.items()}
+        metrics = {"eval/reward": self.eval_reward} | {f"eval/reward_{n}": m for n, m in self.eval_components.items()}
         metrics |= {f"eval/{n}": m for n, m in self.eval_metrics.items()}  # held-out metrics, never trained on
         for name, metric in metrics.items():
             self.log(name, metric.compute(), prog_bar=name == "eval/reward")

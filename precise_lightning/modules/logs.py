@@ -21,8 +21,8 @@ def log_iteration(
     module.log("train/reward", rewards.mean(), prog_bar=True, sync_dist=True, **log)
     module.log("train/reward_std", module.all_gather(rewards).float().std(unbiased=False), **log)  # over all ranks
     for name, value in components.items():
-        module.log(f"train/reward/{name}", value.mean(), sync_dist=True, **log)
-        module.log(f"train/reward/{name}_std", module.all_gather(value).float().std(unbiased=False), **log)
+        module.log(f"train/reward_{name}", value.mean(), sync_dist=True, **log)
+        module.log(f"train/reward_{name}_std", module.all_gather(value).float().std(unbiased=False), **log)
     module.log("train/zero_advantage_fraction", (advantages == 0).float().mean(), sync_dist=True, **log)
     module.log("train/flat_groups", flat_groups, reduce_fx="sum", sync_dist=True, **log)  # all rewards equal
     module.log("train/skipped_updates", float(module.guard.skipped), **log)
