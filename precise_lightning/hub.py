@@ -82,8 +82,8 @@ def hub_file(repo_or_path: str, filename: str, what: str, key: str, revision: st
 
 
 def frozen_dtype(name: Dtype | None) -> torch.dtype:
-    """dtype of frozen pretrained parts (reward models, text encoders, VAE): as given, else bfloat16 on a machine
-    with a GPU and float32 on one without."""
+    """dtype of frozen pretrained parts (text encoders by default; reward models and VAE when asked): as given, else
+    bfloat16 on a machine with a GPU and float32 on one without."""
     if name is not None:
         return getattr(torch, name)
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32

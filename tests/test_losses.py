@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from precise_lightning.modules.losses import flat_groups, group_advantages, grpo_guard_log_ratio, kl_to_reference, ppo_policy_loss
+from precise_lightning.modules.losses import (
+    flat_groups,
+    group_advantages,
+    grpo_guard_log_ratio,
+    kl_penalty,
+    kl_to_reference,
+    ppo_policy_loss,
+)
 
 
 def test_flat_groups_counts_groups_whose_rewards_are_all_equal():
@@ -79,3 +86,18 @@ def test_grpo_guard_ratio():
     shifted = mean + 0.1
     expected = (lp - (lp - 1.0) + 0.1**2 / (2 * 0.04)) * 0.2
     torch.testing.assert_close(grpo_guard_log_ratio(lp, lp - 1.0, shifted, mean, std), expected)
+
+
+def test_kl_forms_hand_computed():
+    """Each published KL on a hand-computed case: means differ by 0.3 everywhere, transition std 0.2."""
+    mean, mean_ref, std = torch.full((2, 3, 4), 0.5), torch.full((2, 3, 4), 0.2), torch.tensor(0.2)
+    exact = kl_penalty(mean, mean_ref, std, "exact", 0.6, 0.9, eta=0.7)
+    torch.testing.assert_close(exact, torch.full((2,), 0.09 / (2 * 0.04)))
+    s_t2 = 0.7**2 * 0.6 / 0.4  # Flow-GRPO: std_dev_t = eta sqrt(t / (1 - t)) at t = 0.6, no sqrt(dt)
+    torch.testing.assert_close(kl_penalty(mean, mean_ref, std, "flow_grpo", 0.6, 0.9, 0.7), torch.full((2,), 0.09 / (2 * s_t2)))
+    s_t2_at_one = 0.7**2 * 1.0 / (1 - 0.9)  # at t = 1 the grid's second point stands in the denominator
+    torch.testing.assert_close(kl_penalty(mean, mean_ref, std, "flow_grpo", 1.0, 0.9, 0.7),
+                               torch.full((2,), 0.09 / (2 * s_t2_at_one)))
+    torch.testing.assert_close(kl_penalty(mean, mean_ref, std, "precise", 0.6, 0.9, 0.7), torch.full((2,), 0.09))
+    with pytest.raises(ValueError, match="kl_form must be one of"):
+        kl_penalty(mean, mean_ref, std, "reverse", 0.6, 0.9, 0.7)

@@ -1,7 +1,9 @@
 """Reward mixes, held-out evaluation metrics, and the reward / ema / model_root sections of the command line."""
 
 
+import numpy as np
 import pytest
+import yaml
 import torch
 from torch import nn
 
@@ -30,24 +32,29 @@ def test_raw_weighted_sum():
     torch.testing.assert_close(parts["a"], torch.tensor([1.0, 2.0, 3.0]))
 
 
-def test_z_normalised_mix():
+def test_z_normalised_mix_is_the_precise_code_s():
+    """rl_trainer.py's normalize_rewards block, by hand in numpy: (r - mean) / (np.std(r) + 1e-8) per component."""
     a, b = [1.0, 2.0, 3.0, 6.0], [100.0, 300.0, 200.0, 400.0]
     scorer = RewardScorer({"a": Fixed(a), "b": Fixed(b)}, weights={"a": 2.0, "b": 1.0}, normalize=True)
     total, parts = scorer.score(torch.zeros(4, 3, 4, 4), ["p"] * 4)
-    z = lambda v: (torch.tensor(v) - torch.tensor(v).mean()) / (torch.tensor(v).std() + 1e-6)  # noqa: E731
-    torch.testing.assert_close(total, 2 * z(a) + z(b))
+    z = lambda v: (np.array(v) - np.mean(v)) / (np.std(v) + 1e-8)  # noqa: E731 - numpy's std is the population's
+    torch.testing.assert_close(total, torch.tensor(2 * z(a) + z(b), dtype=torch.float32))
     torch.testing.assert_close(parts["b"], torch.tensor(b))  # components are logged raw
 
 
-def test_precise_flux_mix_is_the_raw_sum_of_the_published_scorers(model_root):
-    """The official Precise FLUX.2 Klein mix: PickScore / 26 + CLIPScore / 30 + HPSv2.1, weights in the config."""
+def test_precise_flux_mix_is_the_normalised_sum_of_the_published_scorers(model_root):
+    """The Precise FLUX.2 Klein mix as the recipe configures it: PickScore, CLIPScore and HPSv2.1 z-normalised and
+    summed with weight 1; the published scorers' /26 and /30 change nothing after normalisation."""
+    run_config = yaml.safe_load((ROOT / "configs/flux2_klein_precise.yaml").read_text())["reward"]
+    assert run_config["normalize"] is True and "weights" not in run_config
     rewards = {"pickscore": PickScore(), "clipscore": CLIPScore(), "hpsv2": HPSv2()}
-    scorer = RewardScorer(rewards, weights={"pickscore": 1 / 26, "clipscore": 1 / 30, "hpsv2": 1.0})
     images, prompts = torch.rand(4, 3, 40, 40), ["a cat", "a dog", "a cat", "a fox"]
-    total, parts = scorer.score(images, prompts)
-    expected = rewards["pickscore"](images, prompts) / 26 + rewards["clipscore"](images, prompts) / 30
-    torch.testing.assert_close(total, expected + rewards["hpsv2"](images, prompts))
-    assert set(parts) == {"pickscore", "clipscore", "hpsv2"}
+    total, parts = RewardScorer(rewards, normalize=True).score(images, prompts)
+    z = lambda v: (v - v.mean()) / (v.std(unbiased=False) + 1e-8)  # noqa: E731
+    torch.testing.assert_close(total, sum(z(parts[n]) for n in rewards), rtol=1e-5, atol=1e-5)
+    scaled, _ = RewardScorer(rewards, weights={}, normalize=True).score(images, prompts)
+    parts_scaled = {"pickscore": parts["pickscore"] / 26, "clipscore": parts["clipscore"] / 30, "hpsv2": parts["hpsv2"]}
+    torch.testing.assert_close(sum(z(v) for v in parts_scaled.values()), scaled, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

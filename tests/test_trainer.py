@@ -1,6 +1,7 @@
 """End to end: the demo config through the CLI, the ratio invariant, checkpoints with EMA, config errors."""
 
 import math
+import types
 import warnings
 
 import pytest
@@ -228,3 +229,25 @@ def test_sliding_window_moves_between_rollouts_in_fit(tmp_path):
     run.trainer.fit(run.model, datamodule=run.datamodule)
     assert trained == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [0, 1, 2]]  # 10 steps: 9 may be stochastic
     assert run.trainer.callback_metrics["train/ratio_drift_first"] == 0
+
+
+def test_ema_follows_the_published_warm_up_keyed_to_the_optimizer_step():
+    """flow_grpo/ema.py: after optimizer step k, blend when (k + 1) % 8 == 0 with d = min((1 + k) / (10 + k), 0.9)."""
+    ema = EMA(decay=0.9, every_n_steps=8)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    module = types.SimpleNamespace(policy=types.SimpleNamespace(named_trainable_parameters=lambda: [("w", weight)],
+                                                                modules=lambda: []), log=lambda *a, **k: None)
+    trainer = types.SimpleNamespace(global_step=0)
+    ema.on_fit_start(trainer, module)
+    expected = torch.zeros(1)
+    for rollout in range(20):  # two optimizer steps per rollout, as the recipes
+        ema.on_train_batch_start(trainer)
+        trainer.global_step += 2
+        weight.data.fill_(float(trainer.global_step))
+        ema.on_train_batch_end(trainer, module)
+        for k in (trainer.global_step - 1, trainer.global_step):
+            if (k + 1) % 8 == 0:
+                d = min((1 + k) / (10 + k), 0.9)
+                expected = d * expected + (1 - d) * trainer.global_step
+    torch.testing.assert_close(ema.shadow["w"], expected)
+    assert ema.num_updates == 5 and [ema.current_decay(k) for k in (7, 15, 80)] == [8 / 17, 16 / 25, 0.9]

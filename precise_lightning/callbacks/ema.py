@@ -17,8 +17,12 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 class EMA(Callback):
-    """shadow <- d shadow + (1 - d) w every ``every_n_steps`` optimizer steps, d = min((1 + k) / (10 + k), decay)
-    at the k-th update when ``warmup`` (the Flow-GRPO / Precise recipes), else ``decay``."""
+    """shadow <- d shadow + (1 - d) w after optimizer step k (k optimizer steps done) whenever
+    ``(k + 1) % every_n_steps == 0``, with d = min((1 + k) / (10 + k), decay) when ``warmup`` (else ``decay``): the
+    schedule of Flow-GRPO's and the Precise code's ``ema.py`` (``step(parameters, global_step)``). Those call it once
+    per micro-batch and trained step, so they blend the same weights several times while k stays a qualifying step;
+    this blends once per qualifying step (a repeated blend of unchanged weights only raises the effective weight of
+    the newest copy)."""
 
     def __init__(self, decay: float = 0.9, every_n_steps: int = 8, warmup: bool = True) -> None:
         super().__init__()
@@ -45,8 +49,8 @@ class EMA(Callback):
                 self.shadow[name] = s.to(p.device)
         return params
 
-    def current_decay(self) -> float:
-        k = self.num_updates
+    def current_decay(self, k: int) -> float:
+        """The decay of a blend after optimizer step ``k``."""
         return min((1 + k) / (10 + k), self.decay) if self.warmup else self.decay
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -58,10 +62,12 @@ class EMA(Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        # A rollout may take several optimizer steps: update whenever a multiple of every_n_steps was crossed.
-        if trainer.global_step // self.every_n_steps == self._last_step // self.every_n_steps:
+        # A rollout takes several optimizer steps: blend if one of them qualifies, with that step's decay, the weights
+        # being those after the rollout's last step (the published code blends those after the qualifying step).
+        due = [k for k in range(self._last_step + 1, trainer.global_step + 1) if (k + 1) % self.every_n_steps == 0]
+        if not due:
             return
-        d = self.current_decay()
+        d = self.current_decay(due[-1])
         for name, p in self._params(pl_module).items():
             self.shadow[name].lerp_(p.detach(), 1 - d)
         self.num_updates += 1

@@ -14,16 +14,16 @@ class RewardScorer(Callback):
 
     The two published mixes:
 
-    - raw sum (the official Precise FLUX.2 Klein "mix"): ``normalize: false`` and weights that carry the scale,
-      e.g. ``{pickscore: 0.0384615385, clipscore: 0.0333333333, hpsv2: 1.0}`` = PickScore / 26 + CLIPScore / 30
-      + HPSv2.1;
-    - z-normalised: ``normalize: true``, each component standardised over the batch gathered from all ranks, then
-      weighted, so components on different scales count alike.
+    - z-normalised (the Precise code's FLUX.2 Klein "mix", ``normalize_rewards = True``): ``normalize: true``, each
+      component standardised over the batch gathered from all ranks with the population std,
+      ``(r - mean) / (std + 1e-8)``, then weighted (weights 1 there), so components on different scales count
+      alike and a component's scale (PickScore's /26, CLIPScore's /30 in that code) does not matter;
+    - raw weighted sum: ``normalize: false`` and weights that carry the scales.
 
     Args:
         rewards: name -> reward model (``class_path`` in YAML), scored on every rollout.
         weights: name -> weight; missing names weigh 1.
-        normalize: z-normalise each component before weighting (see above).
+        normalize: z-normalise each component over the gathered batch before weighting (see above).
         metrics: name -> held-out metric, scored on evaluation images only (never on rollouts, never trained on)
             and logged as ``eval/<name>``; e.g. HPSv2.1 and CLIPScore for a run trained on PickScore.
     """
@@ -66,7 +66,7 @@ class RewardScorer(Callback):
         for name, value in components.items():
             if self.normalize:
                 gathered = self._trainer.strategy.all_gather(value).reshape(-1) if self._trainer else value
-                value = (value - gathered.mean()) / (gathered.std() + 1e-6)
+                value = (value - gathered.mean()) / (gathered.std(unbiased=False) + 1e-8)  # numpy's std, as published
             total = total + self.weights[name] * value
         return total, components
 

@@ -29,7 +29,8 @@ from precise_lightning.modules.losses import (
     flat_groups,
     group_advantages,
     grpo_guard_log_ratio,
-    kl_to_reference,
+    KL_FORMS,
+    kl_penalty,
     ppo_policy_loss,
 )
 from precise_lightning.modules.policy import Policy, slice_cond
@@ -55,6 +56,9 @@ class GRPOModule(LightningModule):
         clip_range: PPO ratio clip (1e-4 Flow-GRPO SD3.5; 4e-6 Precise FLUX.2, with mean-reduced log-probs).
         adv_clip_max: advantages are clipped to +-adv_clip_max.
         beta: weight of the KL to the reference model (0 disables it and the reference forward).
+        kl_form: which KL ``beta`` weighs: ``exact`` (the two Gaussian transitions' KL), ``flow_grpo`` (over the
+            SDE's diffusion coefficient, Flow-GRPO's SD3.5 recipe) or ``precise`` (the squared mean distance, the
+            Precise code's); see :func:`precise_lightning.modules.losses.kl_penalty`.
         std_scope: advantage normaliser, ``group`` (per-prompt std) or ``global`` (std over all ranks' rewards).
         train_fraction: share of the sampler's stochastic steps trained per iteration, a random subset if < 1.
         inner_epochs: passes over each rollout.
@@ -85,6 +89,7 @@ class GRPOModule(LightningModule):
         clip_range: float = 1e-4,
         adv_clip_max: float = 5.0,
         beta: float = 0.0,
+        kl_form: str = "exact",
         std_scope: str = "group",
         train_fraction: float = 1.0,
         inner_epochs: int = 1,
@@ -108,6 +113,7 @@ class GRPOModule(LightningModule):
             (clip_range > 0, f"clip_range must be > 0, got {clip_range}"),
             (adv_clip_max > 0, f"adv_clip_max must be > 0, got {adv_clip_max}"),
             (beta >= 0, f"beta must be >= 0, got {beta}"),
+            (kl_form in KL_FORMS, f"kl_form must be one of {list(KL_FORMS)}, got {kl_form!r}"),
             (std_scope in ("group", "global"), f"std_scope must be 'group' or 'global', got {std_scope!r}"),
             (0 < train_fraction <= 1, f"train_fraction must be in (0, 1], got {train_fraction}"),
             (inner_epochs >= 1, f"inner_epochs must be >= 1, got {inner_epochs}"),
@@ -380,7 +386,8 @@ class GRPOModule(LightningModule):
             loss = loss / abs(velocity_gain(self.sampler.rule, t, t_next, self.sampler.eta))
         kl = torch.zeros((), device=x.device)
         if hp.beta > 0:
-            kl = kl_to_reference(out.mean, mean_ref, out.std).mean()
+            t_second = float(self.sampler.timesteps[1])
+            kl = kl_penalty(out.mean, mean_ref, out.std, hp.kl_form, t, t_second, self.sampler.eta).mean()
             loss = loss + hp.beta * kl
         return {
             "loss": loss,

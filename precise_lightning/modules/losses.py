@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,29 @@ class PolicyLossOutput:
 def kl_to_reference(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
     """Per-sample KL between N(mean, std^2) and N(mean_ref, std^2), averaged over elements like the log-prob: [B]."""
     return reduce_elements(((mean - mean_ref) ** 2).float() / (2 * std.float() ** 2))
+
+
+KL_FORMS = ("exact", "flow_grpo", "precise")
+
+
+def kl_penalty(mean: Tensor, mean_ref: Tensor, std: Tensor, form: str, t: float, t_second: float, eta: float) -> Tensor:
+    """The KL term [B] of one step ``t -> t'`` between the policy's and the reference's transition means [B, ...].
+
+    - ``exact``: the KL of the two Gaussian transitions, ``mean((mean - mean_ref)^2) / (2 std^2)`` (mean over elements).
+    - ``flow_grpo``: Flow-GRPO's (``sd3_sde_with_logprob.py``, ``train_sd3.py``), the same squared distance over
+      ``2 s_t^2`` with the SDE's diffusion coefficient ``s_t = eta sqrt(t / (1 - t))`` (no ``sqrt(dt)``; at t = 1 the
+      grid's second point ``t_second`` stands in the denominator), so its strength does not follow the step size.
+    - ``precise``: the Precise code's ``mean((mean - mean_ref)^2)``, no division.
+    """
+    sq = reduce_elements(((mean - mean_ref) ** 2).float())
+    if form == "exact":
+        return kl_to_reference(mean, mean_ref, std)
+    if form == "flow_grpo":
+        s_t = eta * math.sqrt(t / (1 - (t_second if t == 1 else t)))
+        return sq / (2 * s_t**2)
+    if form == "precise":
+        return sq
+    raise ValueError(f"kl_form must be one of {list(KL_FORMS)}, got {form!r}")
 
 
 def grpo_guard_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ class ClipReward(nn.Module):
     preprocess: ClipPreprocess
     max_tokens: int
 
-    def __init__(self, dtype: Dtype | None = None) -> None:
+    def __init__(self, dtype: Dtype = "float32") -> None:
         super().__init__()
         self.dtype = frozen_dtype(dtype)
         self._warned_truncation = False

@@ -13,7 +13,7 @@ from precise_lightning.rewards.preprocess import ClipPreprocess
 class HFClipReward(ClipReward):
     """A transformers ``CLIPModel`` with the image preprocessing and tokenizer of ``processor``."""
 
-    def __init__(self, model: str, processor: str | None, revision: str | None, dtype: Dtype | None) -> None:
+    def __init__(self, model: str, processor: str | None, revision: str | None, dtype: Dtype) -> None:
         super().__init__(dtype)
         name = type(self).__name__
         self.model = load_pretrained(
@@ -43,7 +43,7 @@ class PickScore(HFClipReward):
         model: hub id or local directory of the CLIP model (``yuvalkirstain/PickScore_v1``).
         processor: hub id or local directory of its processor (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
         revision: hub revision of ``model``.
-        dtype: weights' dtype; default bfloat16 on a machine with a GPU, float32 without (scores are float32).
+        dtype: weights' dtype: float32, as the published trainers score (scores are float32 either way).
     """
 
     def __init__(
@@ -51,7 +51,7 @@ class PickScore(HFClipReward):
         model: str = "yuvalkirstain/PickScore_v1",
         processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
         revision: str | None = None,
-        dtype: Dtype | None = None,
+        dtype: Dtype = "float32",
     ) -> None:
         super().__init__(model, processor, revision, dtype)
 
@@ -68,11 +68,11 @@ class CLIPScore(HFClipReward):
     Args:
         model: hub id or local directory of the CLIP model and its processor (``openai/clip-vit-large-patch14``).
         revision: hub revision.
-        dtype: weights' dtype; default bfloat16 on a machine with a GPU, float32 without.
+        dtype: weights' dtype: float32, as the published trainers score (scores are float32 either way).
     """
 
     def __init__(
-        self, model: str = "openai/clip-vit-large-patch14", revision: str | None = None, dtype: Dtype | None = None
+        self, model: str = "openai/clip-vit-large-patch14", revision: str | None = None, dtype: Dtype = "float32"
     ) -> None:
         super().__init__(model, None, revision, dtype)
 

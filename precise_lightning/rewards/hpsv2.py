@@ -53,7 +53,7 @@ class HPSv2(ClipReward):
         architecture: open_clip model name or ``local-dir:DIR``; default: the checkpoint directory's
             ``open_clip_config.json`` if it has one, else ``ViT-H-14``.
         revision: hub revision of ``checkpoint``.
-        dtype: weights' dtype; default bfloat16 on a machine with a GPU, float32 without.
+        dtype: weights' dtype: float32, as the published trainers score (scores are float32 either way).
     """
 
     def __init__(
@@ -62,7 +62,7 @@ class HPSv2(ClipReward):
         filename: str = "HPS_v2.1_compressed.pt",
         architecture: str | None = None,
         revision: str | None = None,
-        dtype: Dtype | None = None,
+        dtype: Dtype = "float32",
     ) -> None:
         super().__init__(dtype)
         path = hub_file(checkpoint, filename, "HPSv2 checkpoint", "checkpoint", revision)
