@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import yaml
 from diffusers import Flux2KleinPipeline, StableDiffusion3Pipeline
 
 import cli
-from conftest import run_dir, scalars
+from conftest import ROOT, run_dir, scalars
 from precise_lightning.hub import WeightsNotFoundError
 from precise_lightning.modules import Flux2KleinPolicy, SD3Policy
 from precise_lightning.sampling import Sampler, SD3Grid
@@ -265,3 +266,17 @@ def test_text_encoders_load_in_text_dtype_the_vae_and_transformer_in_float32(mod
         v = policy.velocity(torch.randn(2, *policy.latent_shape), torch.tensor(0.5), policy.encode(PROMPTS))
         images = policy.decode(torch.randn(2, *policy.latent_shape))
     assert v.dtype == torch.float32 and torch.isfinite(v).all() and images.dtype == torch.float32
+
+
+def test_sd35_recipe_adapts_exactly_flow_grpo_s_modules(model_root):
+    """The recipe's qualified names adapt the joint attention only; bare names would also reach the dual-attention
+    block's attn2 (the tiny model's block 0 has one, as SD3.5 Medium's first 13 blocks do)."""
+    recipe = yaml.safe_load((ROOT / "configs/sd35_precise.yaml").read_text())["model"]["policy"]["init_args"]
+    adapted = lambda targets: [n.removeprefix("base_model.model.") for n, module in  # noqa: E731
+                               SD3Policy(resolution=TINY_RESOLUTION, lora_rank=4, lora_targets=targets)
+                               .denoiser.named_modules() if hasattr(module, "lora_A")]
+    ours = adapted(recipe["lora_targets"])
+    # block 0: q, k, v, out, add_q, add_k, add_v, add_out; block 1 (context_pre_only) has no to_add_out
+    assert len(ours) == 15 and not [n for n in ours if ".attn2." in n]
+    bare = adapted([name.removeprefix("attn.") for name in recipe["lora_targets"]])
+    assert sorted(n for n in bare if ".attn2." not in n) == sorted(ours) and len(bare) == 19  # + attn2 q, k, v, out

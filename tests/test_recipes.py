@@ -12,6 +12,9 @@ FLOW_GRPO = "yifan123/flow_grpo"
 PRECISE = "Tencent-Hunyuan/Precise"
 SD35_LORA = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
              "attn.add_v_proj", "attn.to_add_out"]
+KLEIN_LORA = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.to_qkv_mlp_proj", "attn.add_k_proj",
+              "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out",
+              "ff_context.linear_in", "ff_context.linear_out"]
 
 # (dotted key in the parsed config, published value, source)
 SD35 = [
@@ -59,6 +62,7 @@ KLEIN = [
     ("model.policy.init_args.vae_dtype", "float32", f"{PRECISE} precise_sde/train/rl_trainer.py"),
     ("model.policy.init_args.lora_rank", 16, f"{PRECISE} precise_sde/train/adapters.py"),
     ("model.policy.init_args.lora_alpha", 16.0, f"{PRECISE} precise_sde/train/adapters.py"),
+    ("model.policy.init_args.lora_targets", KLEIN_LORA, f"{PRECISE} precise_sde/train/adapters.py target_modules"),
     ("model.sampler.init_args.rule", "precise", f"{PRECISE} config/flux2_klein.py sde_type"),
     ("model.sampler.init_args.eta", 1.5, f"{PRECISE} config/flux2_klein.py _default_noise_level"),
     ("model.sampler.init_args.num_steps", 20, f"{PRECISE} config/flux2_klein.py num_steps"),
@@ -90,9 +94,11 @@ KLEIN = [
 GLOBAL_BATCH = {"configs/sd35_precise.yaml": 48 * 24, "configs/flux2_klein_precise.yaml": 32 * 8}
 
 
-def _parsed(config: str, capsys) -> dict:
+def _parsed(configs: str, capsys) -> dict:
+    """The complete config that ``--config`` of each file (space-separated, in order) gives."""
+    args = [arg for config in configs.split(" --config ") for arg in ("--config", config)]
     with pytest.raises(SystemExit):
-        cli.main(["fit", "--config", config, "--print_config"])
+        cli.main(["fit", *args, "--print_config"])
     return yaml.safe_load(capsys.readouterr().out)
 
 
@@ -112,3 +118,11 @@ def test_recipe_matches_the_published_run(config, table, capsys):
     assert not wrong, "\n".join(wrong)
     assert parsed["trainer"]["devices"] * parsed["data"]["batch_size"] == GLOBAL_BATCH[config]
     assert parsed["model"]["sampler"]["init_args"]["grid"] is None  # the policy's own grid (its scheduler's)
+
+
+def test_klein_pickscore_overlay_trains_on_pickscore_alone(capsys):
+    """config/flux2_klein.py reward="pickscore": the mix recipe with PickScore as the only reward."""
+    parsed = _parsed("configs/flux2_klein_precise.yaml --config configs/flux2_klein_pickscore.yaml", capsys)
+    assert list(parsed["reward"]["rewards"]) == ["pickscore"] and parsed["reward"]["normalize"] is True
+    wrong = [key for key, value, _ in KLEIN if key != "reward.weights" and _get(parsed, key) != value]
+    assert not wrong, wrong
