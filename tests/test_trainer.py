@@ -251,3 +251,21 @@ def test_ema_follows_the_published_warm_up_keyed_to_the_optimizer_step():
                 expected = d * expected + (1 - d) * trainer.global_step
     torch.testing.assert_close(ema.shadow["w"], expected)
     assert ema.num_updates == 5 and [ema.current_decay(k) for k in (7, 15, 80)] == [8 / 17, 16 / 25, 0.9]
+
+
+def test_named_evaluation_readings_are_logged_side_by_side(tmp_path):
+    """An ODE eval_sampler and an SDE reading of the same evaluation (same prompts and initial noise, EMA weights):
+    eval/reward is what a run without the extra reading logs; eval/sde/* is the second reading."""
+    extra = ["--model.extra_eval_samplers", "{sde: {class_path: precise_lightning.sampling.Sampler, "
+             "init_args: {rule: precise, eta: 1.5, num_steps: 10}}}"]
+    logged = {}
+    for name, args in (("both", extra), ("ode", [])):
+        run = cli.main(demo_args(tmp_path / name, "--trainer.max_steps", "2", *args), run=False)
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+        logged[name] = scalars(run_dir(tmp_path / name))
+    assert logged["both"]["eval/reward"] == logged["ode"]["eval/reward"]
+    assert {"eval/sde/reward", "eval/sde/reward_digit"} <= set(logged["both"]) and "eval/sde/reward" not in logged["ode"]
+    assert logged["both"]["eval/sde/reward"] != logged["both"]["eval/reward"]  # another reading of the same weights
+    with pytest.raises(ValueError, match="extra_eval_samplers names become eval/<name>/"):
+        cli.main(demo_args(tmp_path, "--model.extra_eval_samplers", "{a/b: {class_path: "
+                           "precise_lightning.sampling.Sampler}}"), run=False)

@@ -51,7 +51,11 @@ class GRPOModule(LightningModule):
     Args:
         policy: the model (``class_path`` of a :class:`Policy`).
         sampler: the stochastic policy used for rollouts and re-scoring (default: Precise, 10 steps).
-        eval_sampler: sampler for evaluation (default: ODE with the training sampler's grid and step count).
+        eval_sampler: sampler for evaluation, logged as ``eval/reward``, ``eval/reward_<component>`` and
+            ``eval/<metric>`` (default: ODE with the training sampler's grid and step count).
+        extra_eval_samplers: further named readings of the same evaluation (same prompts, same initial noise, EMA
+            weights), each logged under ``eval/<name>/`` (e.g. ``{sde: <the training sampler>}`` beside an ODE
+            ``eval_sampler``: the two readings can rank samplers differently).
         optimizer: optimizer over the trainable weights (LoRA adapters or the whole denoiser).
         clip_range: PPO ratio clip (1e-4 Flow-GRPO SD3.5; 4e-6 Precise FLUX.2, with mean-reduced log-probs).
         adv_clip_max: advantages are clipped to +-adv_clip_max.
@@ -85,6 +89,7 @@ class GRPOModule(LightningModule):
         policy: Policy,
         sampler: Sampler | None = None,
         eval_sampler: Sampler | None = None,
+        extra_eval_samplers: dict[str, Sampler] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         clip_range: float = 1e-4,
         adv_clip_max: float = 5.0,
@@ -107,7 +112,12 @@ class GRPOModule(LightningModule):
         if not self.sampler.sde_steps:
             raise ValueError(f"the training sampler must be stochastic, got {self.sampler}: use e.g. rule 'precise'")
         self.eval_sampler = eval_sampler or Sampler("ode", num_steps=self.sampler.num_steps, grid=self.sampler.grid)
-        for s in (self.sampler, self.eval_sampler):
+        self.extra_eval_samplers = dict(extra_eval_samplers or {})
+        for name in self.extra_eval_samplers:
+            if not name or "/" in name or "." in name or name in ("reward", "samples", "prompts"):
+                raise ValueError(f"extra_eval_samplers names become eval/<name>/...: {name!r} is not usable, "
+                                 "use e.g. 'sde' or 'ode'")
+        for s in (self.sampler, self.eval_sampler, *self.extra_eval_samplers.values()):
             s.for_policy(policy)  # a sampler without a grid samples on the policy's own
         checks = [
             (clip_range > 0, f"clip_range must be > 0, got {clip_range}"),
@@ -125,16 +135,14 @@ class GRPOModule(LightningModule):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        self.save_hyperparameters(ignore=["policy", "sampler", "eval_sampler", "optimizer"])
+        self.save_hyperparameters(ignore=["policy", "sampler", "eval_sampler", "extra_eval_samplers", "optimizer"])
         self.policy = policy
         self.optimizer = optimizer
         self.automatic_optimization = False
         if beta > 0:
             self.policy.enable_reference()
         self.scorer: RewardScorer | None = None
-        self.eval_reward = MeanMetric()
-        self.eval_components = nn.ModuleDict()  # one MeanMetric per reward component, made in setup
-        self.eval_metrics = nn.ModuleDict()  # one MeanMetric per held-out metric, made in setup
+        self.eval_means = nn.ModuleDict()  # logged tag -> MeanMetric of every evaluation reading, made in setup
         self.seed = 0  # the run's seed, agreed by all ranks in setup and restored from checkpoints
         self.rollouts = 0  # iterations done; with the seed it keys each rollout's noise
         self.guard = NonFiniteGuard(max_bad_iterations)
@@ -143,8 +151,10 @@ class GRPOModule(LightningModule):
     # ---- set-up -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.scorer = find_reward_scorer(self.trainer)
-        self.eval_components = nn.ModuleDict({name: MeanMetric() for name in self.scorer.rewards})
-        self.eval_metrics = nn.ModuleDict({name: MeanMetric() for name in self.scorer.metrics})
+        names = ["reward", *(f"reward_{n}" for n in self.scorer.rewards), *self.scorer.metrics]
+        self.eval_means = nn.ModuleDict({  # ModuleDict keys cannot hold "/": the tag's slashes become ":"
+            f"{prefix}/{name}".replace("/", ":"): MeanMetric() for prefix in self._eval_prefixes() for name in names
+        })
         if self.trainer.precision in ("16-mixed", "16-true"):
             raise ValueError("float16 precision is not supported (the update has no loss scaling): use bf16-mixed")
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
@@ -413,30 +423,35 @@ class GRPOModule(LightningModule):
         trainer.training = True
         trainer._logger_connector._first_loop_iter = first_loop_iter
 
+    def _eval_prefixes(self) -> dict[str, Sampler]:
+        """Each evaluation reading's tag prefix and sampler: ``eval`` first (the one the grid shows), then extras."""
+        return {"eval": self.eval_sampler} | {f"eval/{n}": s for n, s in self.extra_eval_samplers.items()}
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         prompts, ids = batch["prompts"], batch["sample_ids"]
         seed = self.hparams.eval_seed * 1_000_003
         noise = torch.stack(
             [torch.randn(self.policy.latent_shape, generator=torch.Generator().manual_seed(seed + int(i))) for i in ids]
         ).to(self.device)
-        generator = torch.Generator(device=self.device).manual_seed(seed + int(ids[0]))
         with torch.no_grad():
             cond = self.policy.encode(prompts)
-            traj = self.eval_sampler.sample(lambda x, t: self.policy.velocity(x, t, cond), noise, generator=generator)
-            images = self.policy.decode(traj.latents[-1])
-        rewards, components = self.scorer.score(images, prompts)
-        self.eval_reward.update(rewards)
-        for name, value in components.items():
-            self.eval_components[name].update(value)
-        for name, value in self.scorer.evaluate(images, prompts).items():
-            self.eval_metrics[name].update(value)
-        return {"images": images, "prompts": prompts, "rewards": rewards}
+        outputs = {}
+        for prefix, sampler in self._eval_prefixes().items():
+            generator = torch.Generator(device=self.device).manual_seed(seed + int(ids[0]))  # fixed per batch
+            with torch.no_grad():
+                traj = sampler.sample(lambda x, t: self.policy.velocity(x, t, cond), noise, generator=generator)
+                images = self.policy.decode(traj.latents[-1])
+            rewards, components = self.scorer.score(images, prompts)
+            values = {"reward": rewards} | {f"reward_{n}": v for n, v in components.items()}
+            for name, value in (values | self.scorer.evaluate(images, prompts)).items():
+                self.eval_means[f"{prefix}/{name}".replace("/", ":")].update(value)
+            outputs = outputs or {"images": images, "prompts": prompts, "rewards": rewards}
+        return outputs
 
     def on_validation_epoch_end(self) -> None:
-        metrics = {"eval/reward": self.eval_reward} | {f"eval/reward_{n}": m for n, m in self.eval_components.items()}
-        metrics |= {f"eval/{n}": m for n, m in self.eval_metrics.items()}  # held-out metrics, never trained on
-        for name, metric in metrics.items():
-            self.log(name, metric.compute(), prog_bar=name == "eval/reward")
+        for key, metric in self.eval_means.items():
+            tag = key.replace(":", "/")
+            self.log(tag, metric.compute(), prog_bar=tag == "eval/reward")  # held-out metrics: never trained on
             metric.reset()
 
     # ---- timing -----------------------------------------------------------------------------------------------
