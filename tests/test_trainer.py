@@ -35,6 +35,8 @@ def test_demo_fit_changes_weights_and_logs_finite_scalars(tmp_path):
     for tag, values in logged.items():
         assert all(math.isfinite(v) for v in values), tag
     assert logged["train/ratio_drift_first"] == [0.0] * 4  # ratio exactly 1 before each rollout's first update
+    shares = [logged[f"train/step_share/step_{i:02d}"] for i in range(9)]  # the 9 trained steps' shares of dL/dv
+    assert all(abs(sum(per_step) - 1) < 1e-5 for per_step in zip(*shares)) and min(map(min, shares)) > 0
     assert len(logged["eval/reward"]) == 2  # the starting weights (eval_at_start), then after rollout 3
     assert "eval/samples" in tensorboard(run_dir(tmp_path)).Tags()["images"]
     run.trainer.save_checkpoint(tmp_path / "final.ckpt")

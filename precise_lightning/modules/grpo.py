@@ -7,6 +7,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Any
 
 import torch
@@ -147,6 +148,7 @@ class GRPOModule(LightningModule):
         self.rollouts = 0  # iterations done; with the seed it keys each rollout's noise
         self.guard = NonFiniteGuard(max_bad_iterations)
         self._current_phase = ""
+        self._v_grad_sq: dict[int, Tensor | float] = {}
 
     # ---- set-up -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -322,6 +324,7 @@ class GRPOModule(LightningModule):
         groups = update_groups(len(slices), hp.updates_per_rollout)
         times = self.sampler.timesteps
         stats: dict[str, list[Tensor]] = defaultdict(list)
+        self._v_grad_sq = dict.fromkeys(steps, 0.0)  # per trained step: ||dL/dv||^2, filled by _step_loss's hooks
         first_update = True
         for _ in range(hp.inner_epochs):
             for group in groups:
@@ -347,7 +350,16 @@ class GRPOModule(LightningModule):
                     self.guard.skip(f"non-finite gradient norm in rollout {self.rollouts}")
                 opt.zero_grad(set_to_none=True)
                 first_update = False
+        # Each trained step's share of the signal the loss sends into the network (the gradient w.r.t. the velocity):
+        # a step whose |d mean / d v| / std dwarfs the others' shows here as a share near 1 (see the README).
+        norms = {i: torch.as_tensor(sq).sqrt() for i, sq in self._v_grad_sq.items()}
+        total = sum(norms.values())
+        for i, norm in norms.items():
+            stats[f"step_share/step_{i:02d}"].append(norm / total if total > 0 else torch.zeros(()))
         return stats
+
+    def _record_v_grad(self, step: int, grad: Tensor) -> None:
+        self._v_grad_sq[step] = self._v_grad_sq[step] + grad.detach().float().pow(2).sum()
 
     def _clip_gradients(self) -> Tensor:
         """Total gradient norm of the trainable weights (of the whole model: sharded norms are combined), clipped
@@ -384,7 +396,10 @@ class GRPOModule(LightningModule):
         k = traj.sde_steps.index(i)
         x, x_next = traj.latents[i], traj.latents[i + 1]
         t_tensor = torch.tensor(t, dtype=x.dtype, device=x.device)
-        out = self.sampler.score(i, x, self.policy.velocity(x, t_tensor, cond), x_next)
+        v = self.policy.velocity(x, t_tensor, cond)
+        if v.requires_grad and i in self._v_grad_sq:
+            v.register_hook(partial(self._record_v_grad, i))
+        out = self.sampler.score(i, x, v, x_next)
         old_log_prob = traj.log_probs[:, k]
         if hp.ratio_norm:
             log_ratio = grpo_guard_log_ratio(out.log_prob, old_log_prob, out.mean, traj.means[k], out.std)
