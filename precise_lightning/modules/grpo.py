@@ -352,10 +352,10 @@ class GRPOModule(LightningModule):
                 first_update = False
         # Each trained step's share of the signal the loss sends into the network (the gradient w.r.t. the velocity):
         # a step whose |d mean / d v| / std dwarfs the others' shows here as a share near 1 (see the README).
-        norms = {i: torch.as_tensor(sq).sqrt() for i, sq in self._v_grad_sq.items()}
-        total = sum(norms.values())
-        for i, norm in norms.items():
-            stats[f"step_share/step_{i:02d}"].append(norm / total if total > 0 else torch.zeros(()))
+        sq = torch.stack([torch.as_tensor(v, device=self.device, dtype=torch.float32) for v in self._v_grad_sq.values()])
+        norms = self.trainer.strategy.reduce(sq, reduce_op="sum").sqrt()  # the whole batch's, over all ranks
+        for i, share in zip(self._v_grad_sq, norms / norms.sum().clamp_min(1e-30)):
+            stats[f"step_share/step_{i:02d}"].append(share)
         return stats
 
     def _record_v_grad(self, step: int, grad: Tensor) -> None:
