@@ -8,6 +8,11 @@ On a GPU each scorer also runs with bfloat16 weights. Prints a table and saves a
 
     python benchmarks/rewards.py [--batch 32] [--repeats 3] [--device auto] [--out benchmarks/out]
     python benchmarks/rewards.py --size tiny --repeats 1   # seconds: checks the script, measures nothing useful
+    python benchmarks/rewards.py --dtype-error [--size tiny]  # bfloat16 weights' score error against float32
+
+``--dtype-error`` scores the same images (smooth random images, groups of 8 per prompt) with float32 and with
+bfloat16 weights and reports the error beside what GRPO learns from: the spread of scores within a prompt's group,
+and the share of within-group pairs whose order bfloat16 flips.
 """
 
 from __future__ import annotations
@@ -82,6 +87,35 @@ def bench_scorers(root: Path, device: torch.device, batch: int, repeats: int) ->
     return rows
 
 
+def dtype_error(root: Path, device: torch.device, batch: int) -> None:
+    """Print, per scorer, bfloat16's score error against float32 on the same images and its effect on rankings."""
+    set_model_root(str(root))
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(batch, 3, 16, 16, generator=g)
+    images = torch.nn.functional.interpolate(coarse, size=512, mode="bicubic").clamp(0, 1).to(device)
+    prompts = [f"prompt number {i // GROUP}: a detailed photo of a red fox in snow" for i in range(batch)]
+    print(f"\n| scorer | max abs error | median abs error | within-group std (float32) | pairs reordered |")
+    print("|---|---|---|---|---|")
+    for name, cls in SCORERS.items():
+        scores = {}
+        for dtype in ("float32", "bfloat16"):
+            scorer = cls(dtype=dtype).to(device)
+            scores[dtype] = scorer(images, prompts).double().cpu()
+            del scorer
+            gc.collect()
+        err = (scores["bfloat16"] - scores["float32"]).abs()
+        groups = [slice(i, i + GROUP) for i in range(0, batch, GROUP)]
+        spread = torch.stack([scores["float32"][s].std(unbiased=False) for s in groups]).mean()
+        flipped = total = 0
+        for s in groups:
+            a, b = scores["float32"][s], scores["bfloat16"][s]
+            order_a, order_b = (a[:, None] > a[None, :]), (b[:, None] > b[None, :])
+            flipped += int((order_a != order_b).triu(1).sum())
+            total += GROUP * (GROUP - 1) // 2
+        print(f"| {name} | {err.max():.4g} | {err.median():.4g} | {spread:.4g} | {flipped}/{total} |", flush=True)
+    set_model_root(None)
+
+
 def bench_demo_rollout(device: torch.device, repeats: int) -> dict:
     """The digits demo's rollout of one iteration: 128 images, Precise, 10 steps, then decode."""
     policy = DigitsPolicy().to(device)
@@ -126,6 +160,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--size", choices=["real", "tiny"], default="real", help="architectures to write and time")
+    parser.add_argument("--dtype-error", action="store_true", help="measure bfloat16's score error instead of speed")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -138,6 +173,9 @@ def main() -> None:
             torch.manual_seed(0)
             write_clip_rewards(Path(root), args.size)
             write_hpsv2(Path(root), args.size)
+        if args.dtype_error:
+            dtype_error(Path(root), device, args.batch)
+            return
         rows = bench_scorers(Path(root), device, args.batch, args.repeats)
     rows.append(bench_demo_rollout(device, args.repeats))
     print(f"\n| what | dtype | s per {args.batch} images | images / s | load s | weights GiB | peak GPU GiB |")

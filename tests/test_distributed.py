@@ -67,7 +67,11 @@ def _assert_same(a: dict, b: dict, atol: float) -> None:
 @pytest.mark.parametrize(
     "setting",
     [
-        ["--model.std_scope", "global"],  # full fine-tuning, rewards gathered for the std, 2 optimizer steps
+        # full fine-tuning, rewards gathered for the std, 2 optimizer steps; flat groups dropped: the first rollout's
+        # micro-batches (one group each) are digits 4, 6, 1, 5, so under 2 processes rank 0 keeps none of its two
+        # and runs stand-ins while rank 1 keeps both
+        ["--model.std_scope", "global", "--model.drop_zero_advantage", "true",
+         "--reward.rewards.digit.class_path", "flat_reward.FlatDigitsReward"],
         ["--model.policy.init_args.lora_rank", "4", "--model.policy.init_args.lora_targets", "[inp, mid1, mid2, out]",
          "--model.beta", "0.05", "--model.ratio_norm", "true"],  # LoRA on a frozen sharded base, KL, GRPO-Guard
     ],
@@ -84,6 +88,8 @@ def test_one_process_ddp_and_fsdp_give_the_same_update(tmp_path, setting):
             if key.startswith("train/"):
                 assert runs[strategy]["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
     assert runs["single"]["metrics"]["train/ratio_drift_first"] == 0.0
+    if "--model.drop_zero_advantage" in setting:
+        assert runs["single"]["metrics"]["train/dropped_micro_batches"] == 1.0  # of 2 per optimizer step
 
 
 @pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp"])

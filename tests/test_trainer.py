@@ -271,3 +271,42 @@ def test_named_evaluation_readings_are_logged_side_by_side(tmp_path):
     with pytest.raises(ValueError, match="extra_eval_samplers names become eval/<name>/"):
         cli.main(demo_args(tmp_path, "--model.extra_eval_samplers", "{a/b: {class_path: "
                            "precise_lightning.sampling.Sampler}}"), run=False)
+
+
+@pytest.mark.parametrize("flat", [[2], [0, 1, 2, 3]], ids=["one-flat-micro-batch", "all-flat"])
+def test_dropping_zero_advantage_micro_batches_by_hand(tmp_path, flat):
+    """One SGD step over 4 micro-batches of 8 whose micro-batches ``flat`` have advantage 0 (beta 0): a flat
+    micro-batch adds no gradient, so dropping it only changes the average, from over 4 micro-batches to over the
+    kept ones: the step is 4 / kept times as long, with as many fewer forwards; nothing kept: no step at all."""
+    deltas, forwards = {}, {}
+    for drop in (False, True):
+        run = cli.main(demo_args(tmp_path / str(drop), "--trainer.max_steps", "1", "--model.updates_per_rollout", "1",
+                                 "--model.micro_batch_size", "8", "--model.max_grad_norm", "null",
+                                 "--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.5",
+                                 "--model.optimizer.init_args.weight_decay", "0",
+                                 "--model.drop_zero_advantage", str(drop).lower(), "--model.eval_at_start", "false",
+                                 "--trainer.val_check_interval", "1000"), run=False)
+        module = run.model
+        advantages = module._advantages
+
+        def zeroed(rewards, group_ids):
+            adv, flat_count = advantages(rewards, group_ids)
+            for m in flat:
+                adv[8 * m : 8 * (m + 1)] = 0
+            return adv, flat_count
+
+        module._advantages = zeroed
+        calls = []
+        velocity = module.policy.velocity
+        module.policy.velocity = lambda x, t, c: calls.append(torch.is_grad_enabled()) or velocity(x, t, c)
+        before = {n: p.detach().clone() for n, p in module.policy.named_trainable_parameters()}
+        run.trainer.fit(module, datamodule=run.datamodule)
+        deltas[drop] = {n: p.detach() - before[n] for n, p in module.policy.named_trainable_parameters()}
+        forwards[drop] = sum(calls)  # forwards with grad: the update's
+    kept = 4 - len(flat)
+    assert forwards == {False: 4 * 9, True: kept * 9}
+    scale = max(float(d.abs().max()) for d in deltas[False].values())
+    assert scale > 0 or not kept  # all flat: no gradient either way
+    for name, delta in deltas[False].items():  # weights - weights before, in float32: a few ulps of the weights
+        expected = delta * (4 / kept) if kept else torch.zeros_like(delta)
+        torch.testing.assert_close(deltas[True][name], expected, rtol=0, atol=1e-3 * scale)

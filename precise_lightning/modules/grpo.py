@@ -46,6 +46,10 @@ from precise_lightning.modules.sharding import data_parallel_mesh, shard_policy
 from precise_lightning.sampling import PerSample, Sampler, Trajectory, velocity_gain
 
 
+# The detached diagnostics of one (micro-batch, trained step), as _step_loss returns them.
+STEP_STATS = ("policy_loss", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "ratio_max_dev")
+
+
 class GRPOModule(LightningModule):
     """One training step = rollout (no grad) -> rewards -> group advantages -> PPO-clipped updates.
 
@@ -72,6 +76,9 @@ class GRPOModule(LightningModule):
             in between (the Precise recipe: 2).
         max_grad_norm: gradient clipping by total norm (None disables it).
         ratio_norm: GRPO-Guard ratio normalisation (DESIGN section 6).
+        drop_zero_advantage: skip micro-batches whose every sample has advantage 0 (flat groups: no signal) in the
+            update, and average the loss over the kept ones, as the published trainers drop such samples; saves
+            their forward and backward passes (see :meth:`_update_plan`).
         eval_seed: seed of evaluation noise, per prompt, so evaluation images are comparable across runs.
         max_bad_iterations: consecutive iterations whose update was skipped for non-finite values (velocities,
             log-probs, rewards or gradients) after which training stops with an error; checkpoints never hold
@@ -103,6 +110,7 @@ class GRPOModule(LightningModule):
         updates_per_rollout: int = 1,
         max_grad_norm: float | None = 1.0,
         ratio_norm: bool = False,
+        drop_zero_advantage: bool = False,
         eval_seed: int = 0,
         max_bad_iterations: int = 3,
         shard_param_dtype: Dtype = "bfloat16",
@@ -323,21 +331,29 @@ class GRPOModule(LightningModule):
         steps = self.trained_steps(trajectories[0].sde_steps)
         groups = update_groups(len(slices), hp.updates_per_rollout)
         times = self.sampler.timesteps
-        stats: dict[str, list[Tensor]] = defaultdict(list)
+        # Every process logs the same keys in the same order (their reductions are collectives), whatever it ran.
+        stats: dict[str, list[Tensor]] = {k: [] for k in (*STEP_STATS, "ratio_drift_first", "dropped_micro_batches",
+                                                           "grad_norm")}
         self._v_grad_sq = dict.fromkeys(steps, 0.0)  # per trained step: ||dL/dv||^2, filled by _step_loss's hooks
         first_update = True
+        live = [bool((advantages[s] != 0).any()) for s in slices]
         for _ in range(hp.inner_epochs):
             for group in groups:
-                scale = 1.0 / (len(group) * len(steps))
-                last = (group[-1], steps[-1])
-                for m in group:
+                plan, scale, dropped = self._update_plan(group, live, len(steps))
+                stats["dropped_micro_batches"].append(dropped)
+                # Nothing kept (every sample of this update, on every process, has advantage 0): no gradient, but
+                # the optimizer still steps (weights untouched), so max_steps keeps counting rollouts' updates.
+                last = (plan[-1][0], steps[-1]) if plan else None
+                for m, weight in plan:
                     traj, cond_m, adv = trajectories[m], slice_cond(cond, slices[m]), advantages[slices[m]]
                     ref_means = self._reference_means(traj, cond_m, steps) if hp.beta > 0 else {}
                     for i in steps:
                         out = self._step_loss(traj, cond_m, adv, i, float(times[i]), float(times[i + 1]),
                                               ref_means.get(i))
                         with self._grad_sync((m, i) == last):
-                            self.manual_backward(out.pop("loss") * scale)
+                            self.manual_backward(out.pop("loss") * (scale * weight))
+                        if not weight:  # a stand-in that keeps collectives in step: no diagnostics
+                            continue
                         for key, value in out.items():
                             stats[key].append(value)
                         if first_update:
@@ -349,14 +365,36 @@ class GRPOModule(LightningModule):
                 else:
                     self.guard.skip(f"non-finite gradient norm in rollout {self.rollouts}")
                 opt.zero_grad(set_to_none=True)
-                first_update = False
+                first_update = first_update and not plan  # the ratio is 1 until weights first move
         # Each trained step's share of the signal the loss sends into the network (the gradient w.r.t. the velocity):
         # a step whose |d mean / d v| / std dwarfs the others' shows here as a share near 1 (see the README).
         sq = torch.stack([torch.as_tensor(v, device=self.device, dtype=torch.float32) for v in self._v_grad_sq.values()])
         norms = self.trainer.strategy.reduce(sq, reduce_op="sum").sqrt()  # the whole batch's, over all ranks
         for i, share in zip(self._v_grad_sq, norms / norms.sum().clamp_min(1e-30)):
-            stats[f"step_share/step_{i:02d}"].append(share)
+            stats[f"step_share/step_{i:02d}"] = [share]
         return stats
+
+    def _update_plan(self, group: range, live: list[bool], num_steps: int) -> tuple[list[tuple[int, float]], float, Tensor]:
+        """The micro-batches one optimizer step runs, with weights, the loss scale, and how many were dropped.
+
+        Without ``drop_zero_advantage``: all of ``group``, each weighing ``1 / (micro-batches x steps)`` (the
+        all-reduce then averages over processes). With it, micro-batches whose every sample has advantage 0 are
+        dropped and the kept ones weigh ``processes / (kept over all processes x steps)``, so 1 process, DDP and
+        FSDP2 compute the same update; a process that kept fewer than another runs some dropped ones with weight 0,
+        so that every process runs as many forwards and backwards (the collectives of DDP and FSDP2 pair up).
+        """
+        if not self.hparams.drop_zero_advantage:
+            return [(m, 1.0) for m in group], 1.0 / (len(group) * num_steps), torch.zeros((), device=self.device)
+        kept = [m for m in group if live[m]]
+        count = torch.tensor(float(len(kept)), device=self.device)
+        total = int(self.trainer.strategy.reduce(count.clone(), reduce_op="sum"))
+        most = int(self.trainer.strategy.reduce(count.clone(), reduce_op="max"))
+        dropped = torch.tensor(float(len(group) * self.trainer.world_size - total), device=self.device)
+        if total == 0:
+            return [], 0.0, dropped
+        standins = [m for m in group if not live[m]][: most - len(kept)]
+        plan = [(m, 1.0) for m in kept] + [(m, 0.0) for m in standins]
+        return plan, self.trainer.world_size / (total * num_steps), dropped
 
     def _record_v_grad(self, step: int, grad: Tensor) -> None:
         self._v_grad_sq[step] = self._v_grad_sq[step] + grad.detach().float().pow(2).sum()

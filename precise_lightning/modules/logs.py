@@ -26,12 +26,25 @@ def log_iteration(
     module.log("train/zero_advantage_fraction", (advantages == 0).float().mean(), sync_dist=True, **log)
     module.log("train/flat_groups", flat_groups, reduce_fx="sum", sync_dist=True, **log)  # all rewards equal
     module.log("train/skipped_updates", float(module.guard.skipped), **log)
-    for key, values in stats.items():
-        reduce = _REDUCE.get(key, "mean")
-        value = getattr(torch, reduce)(torch.stack(values).float())
-        module.log(f"train/{key}", value, reduce_fx=reduce, sync_dist=True, **log)  # the whole batch's value
+    for key in sorted(stats):  # the same order on every process: each reduction is a collective
+        value = _reduce_over_ranks(module, stats[key], _REDUCE.get(key, "mean"))
+        if value is not None:
+            module.log(f"train/{key}", value, **log)  # already the whole batch's value
     module.log("perf/s_per_rollout", seconds, prog_bar=True, **log)
     module.log("perf/images_per_s", batch_size * module.trainer.world_size / seconds, **log)
     if module.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(module.device) / 2**30
         module.log("perf/peak_memory_gib", peak, reduce_fx="max", sync_dist=True, **log)
+
+
+def _reduce_over_ranks(module: LightningModule, values: list[Tensor], reduce: str) -> Tensor | None:
+    """Mean (over every value of every process, however many each has), max or min of a diagnostic; None when no
+    process has a value (e.g. every micro-batch of the rollout was dropped)."""
+    local = torch.stack(values).float().reshape(-1) if values else torch.zeros(0, device=module.device)
+    strategy = module.trainer.strategy
+    if reduce == "mean":
+        total, count = strategy.reduce(torch.stack([local.sum(), local.new_tensor(float(local.numel()))]), reduce_op="sum")
+        return total / count if count > 0 else None
+    empty = float("-inf") if reduce == "max" else float("inf")
+    value = strategy.reduce(getattr(local, reduce)() if local.numel() else local.new_tensor(empty), reduce_op=reduce)
+    return value if torch.isfinite(value) else None
