@@ -42,7 +42,7 @@ SD35 = [
     ("model.kl_form", "flow_grpo", f"{FLOW_GRPO} scripts/train_sd3.py kl_loss / std_dev_t"),
     ("model.std_scope", "global", f"{FLOW_GRPO} config/grpo.py sample.global_std"),
     ("model.updates_per_rollout", 2, f"{FLOW_GRPO} config/grpo.py gradient_accumulation_steps = batches / 2"),
-    ("model.drop_zero_advantage", True, f"{FLOW_GRPO} scripts/train_sd3.py mask = advantages != 0"),
+    ("model.drop_zero_advantage", True, f"{FLOW_GRPO} scripts/train_sd3.py (zero-advantage samples filtered)"),
     ("model.inner_epochs", 1, f"{FLOW_GRPO} config/base.py train.num_inner_epochs"),
     ("model.max_grad_norm", 1.0, f"{FLOW_GRPO} config/base.py train.max_grad_norm"),
     ("model.sampler.init_args.log_prob_reduce", "mean", f"{FLOW_GRPO} sd3_sde_with_logprob.py log_prob.mean"),
