@@ -1,8 +1,13 @@
 """Batch arithmetic: the micro-batch split, which must hold before any model loads (checked when the config is
 parsed, and again by the module on the data it actually receives), and which micro-batches each optimizer step
-takes."""
+takes, and with what weight."""
 
 from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
 
 
 def micro_slices(batch_size: int, micro_batch_size: int | None, updates_per_rollout: int) -> list[slice]:
@@ -20,3 +25,29 @@ def update_groups(num_slices: int, updates_per_rollout: int) -> list[range]:
     """The micro-batches of each optimizer step: update k takes k, k + U, ... Every rank holds a whole number of
     such strides, so each optimizer step sees the same samples however many ranks share the global batch."""
     return [range(k, num_slices, updates_per_rollout) for k in range(updates_per_rollout)]
+
+
+def update_plan(
+    group: range, live: list[bool] | None, num_steps: int, strategy: Any
+) -> tuple[list[tuple[int, float]], float, Tensor]:
+    """The micro-batches one optimizer step runs with their weights, the loss scale, and how many were dropped.
+
+    ``live`` None: all of ``group``, each weighing ``1 / (micro-batches x steps)`` (the all-reduce then averages
+    over processes). Else micro-batches whose ``live`` is False (every sample's advantage is 0) are dropped and the
+    kept ones weigh ``processes / (kept over all processes x steps)``, so 1 process, DDP and FSDP2 compute the same
+    update; a process that kept fewer than another runs some dropped ones with weight 0, so that every process
+    runs as many forwards and backwards (the collectives of DDP and FSDP2 pair up). Nothing kept anywhere: no plan.
+    """
+    device = strategy.root_device
+    if live is None:
+        return [(m, 1.0) for m in group], 1.0 / (len(group) * num_steps), torch.zeros((), device=device)
+    kept = [m for m in group if live[m]]
+    count = torch.tensor(float(len(kept)), device=device)
+    total = int(strategy.reduce(count.clone(), reduce_op="sum"))
+    most = int(strategy.reduce(count.clone(), reduce_op="max"))
+    dropped = torch.tensor(float(len(group) * strategy.world_size - total), device=device)
+    if total == 0:
+        return [], 0.0, dropped
+    standins = [m for m in group if not live[m]][: most - len(kept)]
+    plan = [(m, 1.0) for m in kept] + [(m, 0.0) for m in standins]
+    return plan, strategy.world_size / (total * num_steps), dropped

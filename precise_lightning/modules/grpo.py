@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -23,7 +23,8 @@ from torchmetrics import MeanMetric
 from precise_lightning.callbacks.progress import RolloutProgressBar
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
 from precise_lightning.hub import Dtype
-from precise_lightning.modules.checks import micro_slices, update_groups
+from precise_lightning.modules.checks import micro_slices, update_groups, update_plan
+from precise_lightning.modules.evaluation import Evaluation
 from precise_lightning.modules.guard import NonFiniteGuard, destroy_process_group_at_exit, non_finite_parts, oom_advice
 from precise_lightning.modules.logs import log_iteration
 from precise_lightning.modules.losses import (
@@ -50,7 +51,7 @@ from precise_lightning.sampling import PerSample, Sampler, Trajectory, velocity_
 STEP_STATS = ("policy_loss", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "ratio_max_dev")
 
 
-class GRPOModule(LightningModule):
+class GRPOModule(Evaluation):
     """One training step = rollout (no grad) -> rewards -> group advantages -> PPO-clipped updates.
 
     Args:
@@ -78,7 +79,7 @@ class GRPOModule(LightningModule):
         ratio_norm: GRPO-Guard ratio normalisation (DESIGN section 6).
         drop_zero_advantage: skip micro-batches whose every sample has advantage 0 (flat groups: no signal) in the
             update, and average the loss over the kept ones, as the published trainers drop such samples; saves
-            their forward and backward passes (see :meth:`_update_plan`).
+            their forward and backward passes (see :func:`~precise_lightning.modules.checks.update_plan`).
         eval_seed: seed of evaluation noise, per prompt, so evaluation images are comparable across runs.
         max_bad_iterations: consecutive iterations whose update was skipped for non-finite values (velocities,
             log-probs, rewards or gradients) after which training stops with an error; checkpoints never hold
@@ -339,7 +340,8 @@ class GRPOModule(LightningModule):
         live = [bool((advantages[s] != 0).any()) for s in slices]
         for _ in range(hp.inner_epochs):
             for group in groups:
-                plan, scale, dropped = self._update_plan(group, live, len(steps))
+                plan, scale, dropped = update_plan(group, live if hp.drop_zero_advantage else None, len(steps),
+                                                   self.trainer.strategy)
                 stats["dropped_micro_batches"].append(dropped)
                 # Nothing kept (every sample of this update, on every process, has advantage 0): no gradient, but
                 # the optimizer still steps (weights untouched), so max_steps keeps counting rollouts' updates.
@@ -373,28 +375,6 @@ class GRPOModule(LightningModule):
         for i, share in zip(self._v_grad_sq, norms / norms.sum().clamp_min(1e-30)):
             stats[f"step_share/step_{i:02d}"] = [share]
         return stats
-
-    def _update_plan(self, group: range, live: list[bool], num_steps: int) -> tuple[list[tuple[int, float]], float, Tensor]:
-        """The micro-batches one optimizer step runs, with weights, the loss scale, and how many were dropped.
-
-        Without ``drop_zero_advantage``: all of ``group``, each weighing ``1 / (micro-batches x steps)`` (the
-        all-reduce then averages over processes). With it, micro-batches whose every sample has advantage 0 are
-        dropped and the kept ones weigh ``processes / (kept over all processes x steps)``, so 1 process, DDP and
-        FSDP2 compute the same update; a process that kept fewer than another runs some dropped ones with weight 0,
-        so that every process runs as many forwards and backwards (the collectives of DDP and FSDP2 pair up).
-        """
-        if not self.hparams.drop_zero_advantage:
-            return [(m, 1.0) for m in group], 1.0 / (len(group) * num_steps), torch.zeros((), device=self.device)
-        kept = [m for m in group if live[m]]
-        count = torch.tensor(float(len(kept)), device=self.device)
-        total = int(self.trainer.strategy.reduce(count.clone(), reduce_op="sum"))
-        most = int(self.trainer.strategy.reduce(count.clone(), reduce_op="max"))
-        dropped = torch.tensor(float(len(group) * self.trainer.world_size - total), device=self.device)
-        if total == 0:
-            return [], 0.0, dropped
-        standins = [m for m in group if not live[m]][: most - len(kept)]
-        plan = [(m, 1.0) for m in kept] + [(m, 0.0) for m in standins]
-        return plan, self.trainer.world_size / (total * num_steps), dropped
 
     def _record_v_grad(self, step: int, grad: Tensor) -> None:
         self._v_grad_sq[step] = self._v_grad_sq[step] + grad.detach().float().pow(2).sum()
@@ -463,49 +443,6 @@ class GRPOModule(LightningModule):
             "ratio_max": ppo.ratio.max(),
             "ratio_max_dev": (ppo.ratio - 1).abs().max(),
         }
-
-    # ---- evaluation -------------------------------------------------------------------------------------------
-    def on_train_start(self) -> None:
-        trainer = self.trainer
-        if not self.hparams.eval_at_start or self.rollouts or not trainer.enable_validation:
-            return
-        # What Lightning's training loop does around its own mid-epoch validation.
-        trainer.validating = True
-        first_loop_iter = trainer._logger_connector._first_loop_iter
-        trainer.fit_loop.epoch_loop.val_loop.run()
-        trainer.training = True
-        trainer._logger_connector._first_loop_iter = first_loop_iter
-
-    def _eval_prefixes(self) -> dict[str, Sampler]:
-        """Each evaluation reading's tag prefix and sampler: ``eval`` first (the one the grid shows), then extras."""
-        return {"eval": self.eval_sampler} | {f"eval/{n}": s for n, s in self.extra_eval_samplers.items()}
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        prompts, ids = batch["prompts"], batch["sample_ids"]
-        seed = self.hparams.eval_seed * 1_000_003
-        noise = torch.stack(
-            [torch.randn(self.policy.latent_shape, generator=torch.Generator().manual_seed(seed + int(i))) for i in ids]
-        ).to(self.device)
-        with torch.no_grad():
-            cond = self.policy.encode(prompts)
-        outputs = {}
-        for prefix, sampler in self._eval_prefixes().items():
-            generator = torch.Generator(device=self.device).manual_seed(seed + int(ids[0]))  # fixed per batch
-            with torch.no_grad():
-                traj = sampler.sample(lambda x, t: self.policy.velocity(x, t, cond), noise, generator=generator)
-                images = self.policy.decode(traj.latents[-1])
-            rewards, components = self.scorer.score(images, prompts)
-            values = {"reward": rewards} | {f"reward_{n}": v for n, v in components.items()}
-            for name, value in (values | self.scorer.evaluate(images, prompts)).items():
-                self.eval_means[f"{prefix}/{name}".replace("/", ":")].update(value)
-            outputs = outputs or {"images": images, "prompts": prompts, "rewards": rewards}
-        return outputs
-
-    def on_validation_epoch_end(self) -> None:
-        for key, metric in self.eval_means.items():
-            tag = key.replace(":", "/")
-            self.log(tag, metric.compute(), prog_bar=tag == "eval/reward")  # held-out metrics: never trained on
-            metric.reset()
 
     # ---- timing -----------------------------------------------------------------------------------------------
     @contextmanager

@@ -1,0 +1,58 @@
+"""Evaluation of a GRPO run: the starting weights inside ``fit``, and each named reading of the evaluation prompts
+(the ``eval_sampler``'s and the extras'), on fixed noise, with the weights the EMA callback swaps in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+
+from precise_lightning.sampling import Sampler
+
+
+class Evaluation(LightningModule):
+    """Validation hooks of :class:`~precise_lightning.modules.GRPOModule`, which sets ``policy``, ``scorer``,
+    ``eval_sampler``, ``extra_eval_samplers``, ``eval_means`` and the ``eval_seed`` / ``eval_at_start`` hparams."""
+
+    def on_train_start(self) -> None:
+        trainer = self.trainer
+        if not self.hparams.eval_at_start or self.rollouts or not trainer.enable_validation:
+            return
+        # What Lightning's training loop does around its own mid-epoch validation.
+        trainer.validating = True
+        first_loop_iter = trainer._logger_connector._first_loop_iter
+        trainer.fit_loop.epoch_loop.val_loop.run()
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
+
+    def _eval_prefixes(self) -> dict[str, Sampler]:
+        """Each evaluation reading's tag prefix and sampler: ``eval`` first (the one the grid shows), then extras."""
+        return {"eval": self.eval_sampler} | {f"eval/{n}": s for n, s in self.extra_eval_samplers.items()}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        prompts, ids = batch["prompts"], batch["sample_ids"]
+        seed = self.hparams.eval_seed * 1_000_003
+        noise = torch.stack(
+            [torch.randn(self.policy.latent_shape, generator=torch.Generator().manual_seed(seed + int(i))) for i in ids]
+        ).to(self.device)
+        with torch.no_grad():
+            cond = self.policy.encode(prompts)
+        outputs = {}
+        for prefix, sampler in self._eval_prefixes().items():
+            generator = torch.Generator(device=self.device).manual_seed(seed + int(ids[0]))  # fixed per batch
+            with torch.no_grad():
+                traj = sampler.sample(lambda x, t: self.policy.velocity(x, t, cond), noise, generator=generator)
+                images = self.policy.decode(traj.latents[-1])
+            rewards, components = self.scorer.score(images, prompts)
+            values = {"reward": rewards} | {f"reward_{n}": v for n, v in components.items()}
+            for name, value in (values | self.scorer.evaluate(images, prompts)).items():
+                self.eval_means[f"{prefix}/{name}".replace("/", ":")].update(value)
+            outputs = outputs or {"images": images, "prompts": prompts, "rewards": rewards}
+        return outputs
+
+    def on_validation_epoch_end(self) -> None:
+        for key, metric in self.eval_means.items():
+            tag = key.replace(":", "/")
+            self.log(tag, metric.compute(), prog_bar=tag == "eval/reward")  # held-out metrics: never trained on
+            metric.reset()
