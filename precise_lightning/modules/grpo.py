@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
+from precise_lightning.callbacks.preemption import Preemption
 from precise_lightning.callbacks.progress import RolloutProgressBar
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
 from precise_lightning.hub import Dtype
@@ -219,12 +220,14 @@ class GRPOModule(Evaluation):
             restore_rng_states(state["rng"], self.global_rank)
 
     def configure_callbacks(self) -> list[Callback]:
-        """Lightning's default bar counts an epoch's batches; replace it (not a custom one) with a rollout counter."""
+        """Preemption handling on every run; Lightning's default bar, which counts an epoch's batches, replaced (not
+        a custom one) with a rollout counter."""
+        callbacks: list[Callback] = [Preemption()]
         bar = self.trainer.progress_bar_callback
-        if type(bar) not in (TQDMProgressBar, RichProgressBar):
-            return []
-        self.trainer.callbacks.remove(bar)  # Rich is not a TQDMProgressBar, so Lightning would not replace it
-        return [RolloutProgressBar()]
+        if type(bar) in (TQDMProgressBar, RichProgressBar):
+            self.trainer.callbacks.remove(bar)  # Rich is not a TQDMProgressBar, so Lightning would not replace it
+            callbacks.append(RolloutProgressBar())
+        return callbacks
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(self.policy.trainable_parameters())

@@ -1,0 +1,56 @@
+"""Preemption as a cluster does it: SIGTERM to a running ``cli.py fit`` saves a resumable checkpoint at the end of
+the current iteration, the process exits non-zero, and the resumed run ends exactly where an uninterrupted one does."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, demo_args, run_dir, scalars
+
+pytestmark = pytest.mark.slow  # three subprocess fits
+
+STEPS = ["--trainer.max_steps", "16", "--trainer.val_check_interval", "4", "--data.batch_size", "16",
+         "--model.micro_batch_size", "8"]  # 8 rollouts, evaluations (and last.ckpt) after rollouts 4 and 8
+
+
+def _fit(log_dir, *extra, signal_after: int | None = None):
+    progress = log_dir.parent / f"{log_dir.name}.progress"
+    args = demo_args(log_dir, *STEPS, "--trainer.callbacks+=pacing.Pacing",
+                     f"--trainer.callbacks.path={progress}", *extra)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    proc = subprocess.Popen([sys.executable, "cli.py", "fit", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    if signal_after is not None:
+        deadline = time.monotonic() + 300
+        while not (progress.exists() and progress.read_text() and int(progress.read_text()) >= signal_after):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    return proc.returncode, output
+
+
+def test_sigterm_saves_at_the_iteration_end_exits_non_zero_and_resumes_exactly(tmp_path):
+    code, output = _fit(tmp_path / "full")
+    assert code == 0, output[-3000:]
+    code, output = _fit(tmp_path / "stopped", signal_after=5)  # after the evaluation at rollout 4
+    assert code == 143, output[-3000:]
+    assert "SIGTERM received: saved a resumable checkpoint after rollout" in output
+    checkpoint = run_dir(tmp_path / "stopped") / "checkpoints" / "last.ckpt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    stopped_at = state["grpo"]["rollouts"]
+    assert 5 <= stopped_at < 8 and state["global_step"] == 2 * stopped_at  # newer than the last evaluation (4)
+    code, output = _fit(tmp_path / "resumed", "--ckpt_path", str(checkpoint))
+    assert code == 0, output[-3000:]
+    full, resumed = (torch.load(run_dir(tmp_path / d) / "checkpoints" / "last.ckpt", map_location="cpu",
+                                weights_only=False) for d in ("full", "resumed"))
+    assert full["global_step"] == resumed["global_step"] == 16
+    for key, value in full["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    rewards = scalars(run_dir(tmp_path / "full"))["train/reward"]
+    assert scalars(run_dir(tmp_path / "resumed"))["train/reward"] == rewards[stopped_at:]
