@@ -94,7 +94,7 @@ def dtype_error(root: Path, device: torch.device, batch: int) -> None:
     coarse = torch.rand(batch, 3, 16, 16, generator=g)
     images = torch.nn.functional.interpolate(coarse, size=512, mode="bicubic").clamp(0, 1).to(device)
     prompts = [f"prompt number {i // GROUP}: a detailed photo of a red fox in snow" for i in range(batch)]
-    print(f"\n| scorer | max abs error | median abs error | within-group std (float32) | pairs reordered |")
+    print("\n| scorer | max abs error | median abs error | within-group std (float32) | pairs reordered |")
     print("|---|---|---|---|---|")
     for name, cls in SCORERS.items():
         scores = {}
