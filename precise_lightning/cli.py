@@ -7,6 +7,7 @@ LightningCLI: ``fit`` / ``validate`` / ``test``, stacked ``--config`` files, dot
 
 from typing import Optional
 
+from jsonargparse.typing import import_object
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from precise_lightning.callbacks import EMA, RewardScorer
@@ -30,10 +31,26 @@ class GRPOCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
+        """Checks that need no model, so that a bad value stops the run before anything loads."""
         set_model_root(self._get(self.config, "model_root"))
-        model, data = self._get(self.config, "model"), self._get(self.config, "data")
+        model, data, trainer = (self._get(self.config, key) for key in ("model", "data", "trainer"))
         if data.group_size and data.batch_size % data.group_size == 0:  # else the DataModule says what is wrong
-            micro_slices(data.batch_size, model.micro_batch_size, model.updates_per_rollout)  # before models load
+            micro_slices(data.batch_size, model.micro_batch_size, model.updates_per_rollout)
+        if str(trainer.precision).startswith("16"):  # Lightning would turn it into bf16 on a CPU, with a warning
+            raise ValueError(f"trainer.precision {trainer.precision!r}: float16 is not supported (the update has no "
+                             "loss scaling): use bf16-mixed")
+        if self.subcommand == "fit":
+            per_rollout = model.updates_per_rollout * model.inner_epochs
+            if trainer.max_steps > 0 and trainer.max_steps % per_rollout:
+                raise ValueError(
+                    f"trainer.max_steps ({trainer.max_steps}) counts optimizer steps and must be a multiple of those "
+                    f"one rollout takes (model.updates_per_rollout x model.inner_epochs = {per_rollout}): e.g. "
+                    f"{(trainer.max_steps // per_rollout + 1) * per_rollout}"
+                )
+            sampler = model.sampler
+            if sampler is not None:  # the Sampler alone, on the uniform grid: zero noise does not depend on the grid
+                init = {k: v for k, v in vars(sampler.init_args).items() if k != "grid"}
+                import_object(sampler.class_path)(**init).check_trainable()
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

@@ -152,6 +152,23 @@ def test_bad_configs_fail_with_a_message(tmp_path, extra, message):
         cli.main(demo_args(tmp_path, *extra), run=False)
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--model.sampler.init_args.eta", "0"], r"adds no noise on trained steps \[0, 1, 2, 3, 4, 5, 6, 7, 8\]"),
+        (["--model.sampler.init_args.rule", "flow_sde", "--model.sampler.init_args.eta", "0"], "adds no noise"),
+        (["--trainer.max_steps", "3"], r"trainer.max_steps \(3\) counts optimizer steps .* = 2\): e.g. 4"),
+        (["--trainer.precision", "16-mixed"], "float16 is not supported"),
+    ],
+    ids=["precise-eta-0", "flow-eta-0", "max-steps", "float16"],
+)
+def test_silent_no_ops_are_refused_before_any_model_loads(tmp_path, monkeypatch, extra, message):
+    monkeypatch.setattr("precise_lightning.modules.digits.DigitsFlowNet",
+                        lambda *a, **k: pytest.fail("a model was built before the check"))
+    with pytest.raises(ValueError, match=message):
+        cli.main(["fit", *demo_args(tmp_path, *extra)])
+
+
 def test_micro_batches_must_split_evenly_checked_at_parse(tmp_path, monkeypatch):
     monkeypatch.setattr("precise_lightning.modules.digits.DigitsFlowNet",
                         lambda *a, **k: pytest.fail("a model was built before the check"))

@@ -130,6 +130,7 @@ class GRPOModule(Evaluation):
                                  "use e.g. 'sde' or 'ode'")
         for s in (self.sampler, self.eval_sampler, *self.extra_eval_samplers.values()):
             s.for_policy(policy)  # a sampler without a grid samples on the policy's own
+        self.sampler.check_trainable()
         checks = [
             (clip_range > 0, f"clip_range must be > 0, got {clip_range}"),
             (adv_clip_max > 0, f"adv_clip_max must be > 0, got {adv_clip_max}"),

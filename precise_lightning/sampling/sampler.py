@@ -9,7 +9,7 @@ from torch import Tensor
 
 from precise_lightning.sampling.grids import LinearGrid, TimeGrid
 from precise_lightning.sampling.rollout import Generators, StepOutput, Trajectory, Velocity, rollout, sde_step
-from precise_lightning.sampling.rules import check_rule
+from precise_lightning.sampling.rules import check_rule, transition
 
 
 class Sampler:
@@ -71,6 +71,19 @@ class Sampler:
         self._timesteps: Tensor | None = None
         if grid is not None:
             self.timesteps  # noqa: B018 - validates the grid now, at config parse
+
+    def check_trainable(self) -> None:
+        """Raise if a step that may be trained adds no noise: its log-prob is degenerate and nothing trains there."""
+        start = self.sde_window[0] if self.sde_window else 0
+        steps = range(start, self.num_steps - 1) if self.window_shift_every else self.sde_steps
+        times, zero = self.timesteps, torch.zeros(1, dtype=torch.float64)
+        silent = [i for i in steps if float(transition(self.rule, zero, zero, times[i], times[i + 1], self.eta)[1]) == 0]
+        if silent:
+            raise ValueError(
+                f"the training sampler (rule {self.rule!r}, eta {self.eta}) adds no noise on trained steps {silent}: "
+                "their log-probs are degenerate and nothing trains; give an eta that adds noise (the rule's default: "
+                "model.sampler.init_args.eta null)"
+            )
 
     def for_policy(self, policy: Any) -> Sampler:
         """Without a grid of its own, take the policy's (``policy.default_grid()``); returns self."""
