@@ -15,6 +15,7 @@ from precise_lightning.data import PromptDataModule
 from precise_lightning.hub import set_model_root
 from precise_lightning.modules import GRPOModule
 from precise_lightning.modules.checks import micro_slices
+from precise_lightning.run_dirs import place_run
 
 
 class GRPOCLI(LightningCLI):
@@ -39,6 +40,7 @@ class GRPOCLI(LightningCLI):
         if str(trainer.precision).startswith("16"):  # Lightning would turn it into bf16 on a CPU, with a warning
             raise ValueError(f"trainer.precision {trainer.precision!r}: float16 is not supported (the update has no "
                              "loss scaling): use bf16-mixed")
+        place_run(self.subcommand, self.config.get(self.subcommand, self.config), trainer.logger)
         if self.subcommand == "fit":
             per_rollout = model.updates_per_rollout * model.inner_epochs
             if trainer.max_steps > 0 and trainer.max_steps % per_rollout:

@@ -327,3 +327,17 @@ def test_dropping_zero_advantage_micro_batches_by_hand(tmp_path, flat):
     for name, delta in deltas[False].items():  # weights - weights before, in float32: a few ulps of the weights
         expected = delta * (4 / kept) if kept else torch.zeros_like(delta)
         torch.testing.assert_close(deltas[True][name], expected, rtol=0, atol=1e-3 * scale)
+
+
+def test_ckpt_path_last_resumes_the_newest_run_in_its_own_directory(tmp_path):
+    """--ckpt_path last: the newest version_*/checkpoints/last.ckpt, logged on into that version (one curve);
+    validate logs beside it, never into a new training version; with no checkpoint yet, a fresh start."""
+    first = cli.main(["fit", *demo_args(tmp_path, "--trainer.max_steps", "4", "--ckpt_path", "last")])
+    assert first.trainer.global_step == 4 and [p.name for p in (tmp_path / "digits_precise").iterdir()] == ["version_0"]
+    resumed = cli.main(["fit", *demo_args(tmp_path, "--trainer.max_steps", "8"), "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 8 and resumed.model.rollouts == 4
+    cli.main(["validate", *demo_args(tmp_path), "--ckpt_path", "last"])
+    cli.main(["validate", *demo_args(tmp_path)])  # the base model
+    assert sorted(p.name for p in (tmp_path / "digits_precise").iterdir()) == ["validate", "version_0"]
+    logged = scalars(tmp_path / "digits_precise" / "version_0")
+    assert len(logged["train/reward"]) == 4  # rollouts 1-2, then 3-4 after the resume: one curve
