@@ -4,7 +4,7 @@ See :mod:`precise_lightning.cli` (``fit`` / ``validate`` / ``test``, stacked ``-
 ``--print_config``).
 """
 
-from precise_lightning.cli import main
+from precise_lightning.cli import main, run  # noqa: F401 - main for scripts and tests that drive the CLI
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -5,6 +5,9 @@ LightningCLI: ``fit`` / ``validate`` / ``test``, stacked ``--config`` files, dot
 ``--print_config`` for a complete runnable config.
 """
 
+import os
+import sys
+from pathlib import Path
 from typing import Optional
 
 from jsonargparse.typing import import_object
@@ -62,9 +65,33 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"allow_abbrev": False},  # `--model.clip_rang 0.1` must not silently set clip_range
         auto_configure_optimizers=False,  # GRPOModule builds its optimizer from model.optimizer
     )
 
 
-if __name__ == "__main__":
-    main()
+
+
+def run(args: list[str] | None = None) -> None:
+    """``python cli.py``: :func:`main`, with the errors a user is to fix (raised by this package's own checks: bad
+    config values, files, checkpoints) printed as their message alone, once, with exit status 2;
+    ``PRECISE_LIGHTNING_DEBUG=1`` shows the traceback. Errors raised anywhere else keep their traceback."""
+    try:
+        main(args)
+    except (ValueError, OSError) as err:
+        if os.environ.get("PRECISE_LIGHTNING_DEBUG") or not _raised_here(err):
+            raise
+        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+            print(f"error: {err}\n(PRECISE_LIGHTNING_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether the innermost frame that raised ``err`` is in this package (one of its checks)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
+_PACKAGE = Path(__file__).resolve().parent

@@ -37,9 +37,15 @@ def test_bad_prompt_files(tmp_path, name, lines, message):
         read_prompts(_write(tmp_path, name, lines))
 
 
-def test_missing_file_message(tmp_path):
+def test_missing_directory_and_non_utf8_prompt_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist: check data.train_file"):
         PromptDataModule(train_file=str(tmp_path / "nope.txt"))
+    with pytest.raises(IsADirectoryError, match=f"prompt file '{tmp_path}' is a directory: check data.train_file"):
+        PromptDataModule(train_file=str(tmp_path))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("a café on a street\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"prompt file '{latin1}' is not UTF-8 text .*data.train_file"):
+        PromptDataModule(train_file=str(latin1))
 
 
 def test_group_collate():

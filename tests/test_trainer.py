@@ -1,6 +1,9 @@
 """End to end: the demo config through the CLI, the ratio invariant, checkpoints with EMA, config errors."""
 
 import math
+import os
+import subprocess
+import sys
 import types
 import warnings
 
@@ -341,3 +344,16 @@ def test_ckpt_path_last_resumes_the_newest_run_in_its_own_directory(tmp_path):
     assert sorted(p.name for p in (tmp_path / "digits_precise").iterdir()) == ["validate", "version_0"]
     logged = scalars(tmp_path / "digits_precise" / "version_0")
     assert len(logged["train/reward"]) == 4  # rollouts 1-2, then 3-4 after the resume: one curve
+
+
+def test_user_errors_print_one_message_without_a_traceback_and_abbreviations_are_refused(tmp_path):
+    """``python cli.py``: a check's error is its message alone, exit 2; PRECISE_LIGHTNING_DEBUG=1 brings the traceback."""
+    command = [sys.executable, "cli.py", "fit", *demo_args(tmp_path, "--data.batch_size", "30")]
+    plain = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert "error: batch_size (30) must be a positive multiple of group_size (8): e.g. 32" in plain.stderr
+    debug = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PRECISE_LIGHTNING_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    with pytest.raises(SystemExit):
+        cli.main(["fit", *demo_args(tmp_path, "--model.clip_rang", "0.1")])  # not taken for --model.clip_range

@@ -20,10 +20,18 @@ from precise_lightning.data.sampler import GlobalBatchSampler, ResumableLoader
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Read ``.txt`` (one prompt per line) or ``.jsonl`` (objects with a "prompt" key plus any metadata)."""
     path = Path(path)
+    keys = "check data.train_file / data.eval_file"
+    if path.is_dir():
+        raise IsADirectoryError(f"prompt file {str(path)!r} is a directory: {keys} (a .txt or .jsonl file)")
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist: check data.train_file / data.eval_file")
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist: {keys}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}): {keys}, "
+                         "or re-save the file as UTF-8") from err
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
