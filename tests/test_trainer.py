@@ -1,9 +1,6 @@
 """End to end: the demo config through the CLI, the ratio invariant, checkpoints with EMA, config errors."""
 
 import math
-import os
-import subprocess
-import sys
 import types
 import warnings
 
@@ -346,14 +343,19 @@ def test_ckpt_path_last_resumes_the_newest_run_in_its_own_directory(tmp_path):
     assert len(logged["train/reward"]) == 4  # rollouts 1-2, then 3-4 after the resume: one curve
 
 
-def test_user_errors_print_one_message_without_a_traceback_and_abbreviations_are_refused(tmp_path):
-    """``python cli.py``: a check's error is its message alone, exit 2; PRECISE_LIGHTNING_DEBUG=1 brings the traceback."""
-    command = [sys.executable, "cli.py", "fit", *demo_args(tmp_path, "--data.batch_size", "30")]
-    plain = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert plain.returncode == 2 and "Traceback" not in plain.stderr
-    assert "error: batch_size (30) must be a positive multiple of group_size (8): e.g. 32" in plain.stderr
-    debug = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PRECISE_LIGHTNING_DEBUG": "1"})
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+def test_user_errors_print_one_message_without_a_traceback_and_abbreviations_are_refused(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """``python cli.py`` (``cli.run``): a check's error is its message alone, exit 2; PRECISE_LIGHTNING_DEBUG=1
+    lets it through with its traceback."""
+    args = ["fit", *demo_args(tmp_path, "--data.batch_size", "30")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: batch_size (30) must be a positive multiple of group_size (8): e.g. 32" in err
+    assert "Traceback" not in err
+    monkeypatch.setenv("PRECISE_LIGHTNING_DEBUG", "1")
+    with pytest.raises(ValueError, match="must be a positive multiple of group_size"):
+        cli.run(args)
     with pytest.raises(SystemExit):
         cli.main(["fit", *demo_args(tmp_path, "--model.clip_rang", "0.1")])  # not taken for --model.clip_range
