@@ -92,7 +92,7 @@ def test_one_process_ddp_and_fsdp_give_the_same_update(tmp_path, setting):
         assert runs["single"]["metrics"]["train/dropped_micro_batches"] == 1.0  # of 2 per optimizer step
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])  # 1 process: tests/test_preemption.py
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])  # 1 process: test_preemption.py (within an epoch)
 def test_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, strategy):
     """6 iterations (an epoch is 5: the prompt order crosses an epoch after the restart) against 2 + 4 resumed
     from the checkpoint written at iteration 2: bit-identical weights, EMA and logged rewards (FSDP2: from a
