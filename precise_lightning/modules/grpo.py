@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import OptimizerCallable
@@ -23,6 +24,7 @@ from torchmetrics import MeanMetric
 from precise_lightning.callbacks.preemption import Preemption
 from precise_lightning.callbacks.progress import RolloutProgressBar
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
+from precise_lightning.checkpoint_io import VerifiedCheckpointIO
 from precise_lightning.hub import Dtype
 from precise_lightning.modules.checks import micro_slices, update_groups, update_plan
 from precise_lightning.modules.evaluation import Evaluation
@@ -173,6 +175,8 @@ class GRPOModule(Evaluation):
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
         if stage == "fit" and batch_size:
             self._micro_slices(batch_size)  # fail before the first rollout, not inside it
+        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
+            self.trainer.strategy.checkpoint_io = VerifiedCheckpointIO()
         if torch.distributed.is_initialized():
             destroy_process_group_at_exit()
         # seed_everything seeds every rank alike; without it rank 0's random seed is shared (checkpoints restore it)

@@ -1,0 +1,108 @@
+"""Checkpoint files that are never half-written and never silently wrong.
+
+Lightning's ``TorchCheckpointIO`` writes in place (a kill mid-write leaves a truncated ``last.ckpt``), swallows a
+``PermissionError`` on save (``_atomic_save``: the run goes on without checkpoints), and nothing checks what it
+reads back (torch's zip reader does not verify tensor bytes: a corrupt byte resumes with changed weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class CheckpointError(OSError):
+    """A checkpoint that cannot be written, read or trusted."""
+
+
+def content_digest(checkpoint: Any) -> str:
+    """SHA-256 of a checkpoint's content (every tensor's dtype, shape and bytes, and every plain value, in key
+    order), without its own ``integrity`` entry; objects of other types count by type name only."""
+    digest = hashlib.sha256()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):
+                if key != "integrity":
+                    digest.update(repr(key).encode())
+                    visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__}{len(value)}".encode())
+            for item in value:
+                visit(item)
+        elif isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        elif isinstance(value, np.ndarray):
+            digest.update(f"{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+        elif value is None or isinstance(value, (bool, int, float, str, bytes)):
+            digest.update(repr(value).encode())
+        else:
+            digest.update(type(value).__name__.encode())
+
+    visit(checkpoint)
+    return digest.hexdigest()
+
+
+class VerifiedCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in its own directory, flushes it to disk and renames it over the
+    old one (a kill at any moment leaves the old or the new file whole); stores a :func:`content_digest` in it and
+    checks it on load; a failed save raises at once."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+        checkpoint["integrity"] = {"sha256": content_digest(checkpoint)}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            with contextlib.suppress(OSError):  # nothing to clean up where the directory itself is the problem
+                tmp.unlink(missing_ok=True)
+            raise CheckpointError(
+                f"could not write the checkpoint {path}: {err}. The run stops rather than go on without checkpoints; "
+                f"{'the previous one is intact' if path.exists() else 'no earlier one is there'}. Free space or fix "
+                "the directory's permissions (trainer.default_root_dir / the logger's save_dir) and resume"
+            ) from err
+
+    def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # torch's zip and unpickling errors: a truncated or garbled file
+            raise CheckpointError(f"checkpoint {path} cannot be read ({err}): it is truncated or corrupt. "
+                                  f"{_newest_intact(Path(path))}") from err
+        expected = checkpoint.get("integrity", {}).get("sha256")
+        if expected is not None and content_digest(checkpoint) != expected:
+            raise CheckpointError(f"checkpoint {path} does not match the checksum written with it: its content changed "
+                                  f"on disk. {_newest_intact(Path(path))}")
+        return checkpoint
+
+
+def _newest_intact(bad: Path) -> str:
+    """Which other checkpoint of the same directory, newest first, reads back and matches its checksum."""
+    io = VerifiedCheckpointIO()
+    for other in sorted((p for p in bad.parent.glob("*.ckpt") if p != bad and p.is_file()),
+                        key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            io.load_checkpoint(other, weights_only=False)
+        except (CheckpointError, OSError):
+            continue
+        return f"The newest intact checkpoint beside it is {other}: resume with --ckpt_path {other}"
+    return "No intact checkpoint is beside it: resume from an earlier copy, or start afresh"
