@@ -21,7 +21,7 @@ GLOBAL_BATCH = 32  # images per iteration over all processes: 4 prompts x 8
 STRATEGIES = {
     "single": ["--trainer.devices", "1", "--trainer.strategy", "auto"],
     "ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
-    "fsdp": ["--trainer.devices", "2", "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
+    "fsdp": ["--trainer.devices", "2", "--trainer.strategy", "precise_lightning.modules.sharding.ShardedStrategy",
              "--trainer.strategy.init_args.data_parallel_size", "2",
              "--trainer.strategy.init_args.tensor_parallel_size", "1",
              "--model.shard_param_dtype", "float32"],  # float32 compute, to compare with the unsharded runs

@@ -124,7 +124,7 @@ def test_out_of_memory_is_reraised_with_the_knobs_that_help(tmp_path):
     message = str(error.value)
     assert "out of memory in the rollout phase" in message
     for knob in ("model.micro_batch_size (now 16 of data.batch_size 32", "gradient_checkpointing", "lora_rank",
-                 "ModelParallelStrategy"):
+                 "ShardedStrategy"):
         assert knob in message, knob
     assert "Tried to allocate 20.00 GiB" in str(error.value.__cause__)
 

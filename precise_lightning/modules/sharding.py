@@ -4,7 +4,13 @@ to the optimizer state that sharding saves."""
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -39,3 +45,27 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
         )
     return mesh["data_parallel"]
 
+
+
+class ShardedStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2) whose sharded checkpoints are written into a temporary directory
+    beside the target and swapped in once every process has written its shards: Lightning writes into the existing
+    directory, so a kill during a save left a mix of old and new shards. A kill during the swap itself leaves the
+    previous checkpoint whole as ``.<name>.old``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        tmp, old = path.parent / f".{path.name}.tmp", path.parent / f".{path.name}.old"
+        if self.global_rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)  # what a killed save left
+        self.barrier()
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier()  # every shard is on disk
+        if self.global_rank == 0:
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
