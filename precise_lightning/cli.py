@@ -8,7 +8,7 @@ LightningCLI: ``fit`` / ``validate`` / ``test``, stacked ``--config`` files, dot
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from jsonargparse.typing import import_object
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -19,6 +19,14 @@ from precise_lightning.hub import set_model_root
 from precise_lightning.modules import GRPOModule
 from precise_lightning.modules.checks import micro_slices
 from precise_lightning.run_dirs import place_run
+
+
+class _Parser(LightningArgumentParser):
+    """A parse error prints the error and where to find the options (``--help``), not the 75-line usage block that
+    buried the one line that matters."""
+
+    def print_usage(self, file: Any = None) -> None:
+        pass
 
 
 class GRPOCLI(LightningCLI):
@@ -65,7 +73,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"allow_abbrev": False},  # `--model.clip_rang 0.1` must not silently set clip_range
+        parser_kwargs={"allow_abbrev": False},
+        parser_class=_Parser,  # `--model.clip_rang 0.1` must not silently set clip_range
         auto_configure_optimizers=False,  # GRPOModule builds its optimizer from model.optimizer
     )
 

@@ -357,5 +357,9 @@ def test_user_errors_print_one_message_without_a_traceback_and_abbreviations_are
     monkeypatch.setenv("PRECISE_LIGHTNING_DEBUG", "1")
     with pytest.raises(ValueError, match="must be a positive multiple of group_size"):
         cli.run(args)
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         cli.main(["fit", *demo_args(tmp_path, "--model.clip_rang", "0.1")])  # not taken for --model.clip_range
+    err = capsys.readouterr().err.strip().splitlines()  # the error and where the options are, not the usage block
+    assert len(err) == 2 and err[0].endswith("fit --help") and err[1] == "error: unrecognized arguments: " \
+        "--model.clip_rang 0.1", err
