@@ -162,11 +162,13 @@ def test_recipe_trains_two_iterations_and_its_lora_loads_into_a_stock_pipeline(t
 
 @MODELS
 def test_recipe_runs_in_bf16_mixed_with_ratio_exactly_one(tmp_path, model_root, m):
-    """Rollout and re-scoring compute identically under autocast; log-probs stay float32."""
-    run = cli.main(_recipe(m, tmp_path, "--model_root", str(model_root), "--trainer.precision", "bf16-mixed",
-                           "--trainer.max_steps", "2"), run=False)
+    """Rollout and re-scoring compute identically under autocast; log-probs stay float32. The reward is the smoke
+    overlay's JPEG compressibility: the recipe with no scorer weights at all."""
+    run = cli.main(_recipe(m, tmp_path, "--model_root", str(model_root), "--config", "configs/rewards/jpeg.yaml",
+                           "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "2"), run=False)
     run.trainer.fit(run.model, datamodule=run.datamodule)
     metrics = run.trainer.callback_metrics
+    assert "train/reward_jpeg_compressibility" in metrics and "eval/hpsv2" not in metrics
     assert metrics["train/ratio_drift_first"] == 0 and math.isfinite(metrics["train/grad_norm"])
     policy = run.model.policy
     cond = policy.encode(PROMPTS[:2])

@@ -219,3 +219,25 @@ def test_local_paths_load_without_the_model_root(tiny_root, scorers, images):
                      processor=str(tiny_root / "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"))
     torch.testing.assert_close(direct(images, PROMPTS), scorers[HPSv2](images, PROMPTS), rtol=0, atol=0)
     torch.testing.assert_close(pick(images, PROMPTS), scorers[PickScore](images, PROMPTS), rtol=0, atol=0)
+
+
+def test_jpeg_rewards_are_the_size_of_the_quality_95_jpeg_in_kilobytes():
+    """By hand with PIL: a flat image compresses to far fewer bytes than noise; compressibility is -kB / 500."""
+    import io
+
+    from PIL import Image
+
+    from precise_lightning.rewards import JPEGCompressibility, JPEGIncompressibility
+
+    images = torch.stack([torch.full((3, 64, 64), 0.5), torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))])
+    expected = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(buffer, format="JPEG", quality=95)
+        expected.append(buffer.tell() / 1000)
+    sizes = JPEGIncompressibility()(images, ["a", "b"])
+    torch.testing.assert_close(sizes, torch.tensor(expected))
+    assert sizes[1] > 5 * sizes[0]
+    torch.testing.assert_close(JPEGCompressibility()(images, ["a", "b"]), -torch.tensor(expected) / 500)
+    gray = JPEGIncompressibility()(images[:, :1], ["a", "b"])  # one channel (the digits demo): saved as grayscale
+    assert gray.shape == (2,) and gray[1] > gray[0]

@@ -1,12 +1,16 @@
 """Reward models: each is ``reward(images [B, C, H, W] in [0, 1], prompts) -> tensor[B]`` (float32, no grad).
 
 PickScore, HPSv2.1 and CLIPScore return the metric as the papers report it; the demo's digit classifier returns
-a probability. Mixes and held-out metrics are configured on :class:`precise_lightning.callbacks.RewardScorer`.
+a probability; the JPEG rewards need no weights. Mixes and held-out metrics are configured on :class:`precise_lightning.callbacks.RewardScorer`.
 """
 
 from precise_lightning.rewards.clip import CLIPScore, PickScore
 from precise_lightning.rewards.digits import DigitClassifierReward
 from precise_lightning.rewards.hpsv2 import HPSv2
+from precise_lightning.rewards.jpeg import JPEGCompressibility, JPEGIncompressibility
 from precise_lightning.rewards.preprocess import ClipPreprocess
 
-__all__ = ["CLIPScore", "ClipPreprocess", "DigitClassifierReward", "HPSv2", "PickScore"]
+__all__ = [
+    "CLIPScore", "ClipPreprocess", "DigitClassifierReward", "HPSv2", "JPEGCompressibility", "JPEGIncompressibility",
+    "PickScore",
+]
