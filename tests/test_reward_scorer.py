@@ -1,6 +1,8 @@
 """Reward mixes, held-out evaluation metrics, and the reward / ema / model_root sections of the command line."""
 
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -121,3 +123,40 @@ def test_a_config_without_a_reward_section_fails_at_parse(tmp_path, capsys):
 def test_bad_model_root_fails_at_parse(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_root '/no/such/root' is not a directory"):
         cli.main(_demo(tmp_path, "--model_root", "/no/such/root"), run=False)
+
+
+class Recorder(nn.Module):
+    """A reward that asks for the prompts' metadata and records it (its score: the digit's tag length)."""
+
+    wants_metadata = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[dict] = []
+
+    def forward(self, images, prompts, metadata):
+        self.seen += metadata
+        return torch.tensor([float(len(m.get("tag", ""))) for m in metadata])
+
+
+def test_jsonl_metadata_reaches_the_rewards_that_ask_for_it(tmp_path):
+    """A JSONL prompt file's other fields reach, per image, a reward that sets wants_metadata, in rollouts and in
+    evaluation; a reward that does not is called as before."""
+    words = ["zero", "one", "two", "three"]
+    lines = [json.dumps({"prompt": f"a handwritten digit {d}", "tag": words[d], "include": [{"count": d}]})
+             for d in range(4)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines * 2))
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines))
+    run = cli.main(_demo(tmp_path, "--trainer.max_steps", "2", "--data.train_file", str(tmp_path / "train.jsonl"),
+                         "--data.eval_file", str(tmp_path / "eval.jsonl"), "--data.eval_batch_size", "4",
+                         "--data.eval_repeats", "1"), run=False)
+    scorer = next(cb for cb in run.trainer.callbacks if isinstance(cb, RewardScorer))
+    recorder, plain = Recorder(), Fixed([0.5] * 16)
+    scorer.rewards = {"tagged": recorder, "plain": plain}
+    scorer.weights = {"tagged": 1.0, "plain": 1.0}
+    run.model.eval_means.clear()
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert plain.calls > 0 and len(recorder.seen) == 16 + 4  # one rollout of 16, the evaluation at start of 4
+    for meta in recorder.seen:
+        d = words.index(meta["tag"])
+        assert meta == {"tag": words[d], "include": [{"count": d}]}

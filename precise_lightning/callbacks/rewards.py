@@ -4,6 +4,8 @@ rollouts and evaluation images, and :meth:`evaluate` on evaluation images only."
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
@@ -59,9 +61,12 @@ class RewardScorer(Callback):
             model.to(pl_module.device).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def score(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total reward [B] (float32) and each component's raw value [B]."""
-        components = {name: _call(name, model, images, prompts) for name, model in self.rewards.items()}
+    def score(
+        self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total reward [B] (float32) and each component's raw value [B]. ``metadata`` (a JSONL prompt file's other
+        fields, one dict per image) reaches the rewards whose class sets ``wants_metadata = True``."""
+        components = {name: _call(name, model, images, prompts, metadata) for name, model in self.rewards.items()}
         total = torch.zeros(len(images), device=images.device)
         for name, value in components.items():
             if self.normalize:
@@ -71,15 +76,22 @@ class RewardScorer(Callback):
         return total, components
 
     @torch.no_grad()
-    def evaluate(self, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+    def evaluate(
+        self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None = None
+    ) -> dict[str, Tensor]:
         """Each held-out metric [B] (float32)."""
-        return {name: _call(name, model, images, prompts) for name, model in self.metrics.items()}
+        return {name: _call(name, model, images, prompts, metadata) for name, model in self.metrics.items()}
 
 
-def _call(name: str, model: nn.Module, images: Tensor, prompts: list[str]) -> Tensor:
+def _call(
+    name: str, model: nn.Module, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None
+) -> Tensor:
     """One reward model's scores [B] (float32); its failure is reported with the reward's name and the prompts."""
     try:
-        scores = model(images, prompts)
+        if getattr(model, "wants_metadata", False):
+            scores = model(images, prompts, metadata=metadata or [{} for _ in prompts])
+        else:
+            scores = model(images, prompts)
     except torch.OutOfMemoryError:
         raise
     except Exception as err:

@@ -44,9 +44,9 @@ class Evaluation(LightningModule):
             with torch.no_grad():
                 traj = sampler.sample(lambda x, t: self.policy.velocity(x, t, cond), noise, generator=generator)
                 images = self.policy.decode(traj.latents[-1])
-            rewards, components = self.scorer.score(images, prompts)
+            rewards, components = self.scorer.score(images, prompts, batch.get("metadata"))
             values = {"reward": rewards} | {f"reward_{n}": v for n, v in components.items()}
-            for name, value in (values | self.scorer.evaluate(images, prompts)).items():
+            for name, value in (values | self.scorer.evaluate(images, prompts, batch.get("metadata"))).items():
                 self.eval_means[f"{prefix}/{name}".replace("/", ":")].update(value)
             outputs = outputs or {"images": images, "prompts": prompts, "rewards": rewards}
         return outputs

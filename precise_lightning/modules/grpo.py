@@ -283,7 +283,7 @@ class GRPOModule(Evaluation):
                 noise = generator.randn((len(prompts), *self.policy.latent_shape), torch.float32, self.device)
                 trajectories, images = self.rollout(cond, noise, slices, generator)
             with self._phase("reward"):
-                rewards, components = self.scorer.score(images, prompts)
+                rewards, components = self.scorer.score(images, prompts, batch.get("metadata"))
                 advantages, flat_groups = self._advantages(rewards, group_ids)
             stats: dict[str, list[Tensor]] = defaultdict(list)
             if self._finite_rollout(trajectories, rewards):
