@@ -241,3 +241,30 @@ def test_jpeg_rewards_are_the_size_of_the_quality_95_jpeg_in_kilobytes():
     torch.testing.assert_close(JPEGCompressibility()(images, ["a", "b"]), -torch.tensor(expected) / 500)
     gray = JPEGIncompressibility()(images[:, :1], ["a", "b"])  # one channel (the digits demo): saved as grayscale
     assert gray.shape == (2,) and gray[1] > gray[0]
+
+
+def test_aesthetic_score_equals_the_published_scoring_steps(tiny_root, images, monkeypatch):
+    """The predictor's reference steps: CLIPProcessor on PIL images, get_image_features, unit-normalise, the MLP
+    loaded from the checkpoint file. Prompts play no part."""
+    from precise_lightning.rewards import AestheticScore
+    from precise_lightning.rewards.aesthetic import CHECKPOINT, aesthetic_mlp
+
+    checkpoint = tiny_root / "improved-aesthetic-predictor"
+    scorer = AestheticScore(checkpoint=str(checkpoint), clip=str(tiny_root / "openai/clip-vit-large-patch14"))
+    model = CLIPModel.from_pretrained(tiny_root / "openai/clip-vit-large-patch14").eval()
+    processor = AutoProcessor.from_pretrained(tiny_root / "openai/clip-vit-large-patch14")
+    head = aesthetic_mlp(model.config.projection_dim)
+    head.load_state_dict(torch.load(checkpoint / CHECKPOINT, weights_only=True))
+    head.eval()
+    with torch.no_grad():
+        pixels = processor(images=_pil(images), return_tensors="pt")["pixel_values"]
+        embed = model.get_image_features(pixel_values=pixels).pooler_output
+        expected = head.layers(embed / embed.norm(dim=-1, keepdim=True)).squeeze(1)
+    scores = scorer(images, PROMPTS)
+    assert scores.shape == (4,) and scores.dtype == torch.float32 and len(set(scores.tolist())) == 4
+    torch.testing.assert_close(scores, scorer(images, ["other words"] * 4), rtol=0, atol=0)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=2e-3 * expected.abs().max())  # tensor vs PIL resize
+    monkeypatch.setattr(scorer.preprocess, "forward", lambda _: pixels)
+    torch.testing.assert_close(scorer(images, PROMPTS), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(WeightsNotFoundError, match="improved-aesthetic-predictor and give its path"):
+        AestheticScore(checkpoint="/no/such/file.pth")

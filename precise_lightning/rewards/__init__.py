@@ -4,6 +4,7 @@ PickScore, HPSv2.1 and CLIPScore return the metric as the papers report it; the 
 a probability; the JPEG rewards need no weights. Mixes and held-out metrics are configured on :class:`precise_lightning.callbacks.RewardScorer`.
 """
 
+from precise_lightning.rewards.aesthetic import AestheticScore
 from precise_lightning.rewards.clip import CLIPScore, PickScore
 from precise_lightning.rewards.digits import DigitClassifierReward
 from precise_lightning.rewards.hpsv2 import HPSv2
@@ -11,6 +12,6 @@ from precise_lightning.rewards.jpeg import JPEGCompressibility, JPEGIncompressib
 from precise_lightning.rewards.preprocess import ClipPreprocess
 
 __all__ = [
-    "CLIPScore", "ClipPreprocess", "DigitClassifierReward", "HPSv2", "JPEGCompressibility", "JPEGIncompressibility",
+    "AestheticScore", "CLIPScore", "ClipPreprocess", "DigitClassifierReward", "HPSv2", "JPEGCompressibility", "JPEGIncompressibility",
     "PickScore",
 ]

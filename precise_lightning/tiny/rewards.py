@@ -74,3 +74,17 @@ def write_hpsv2(root: Path, size: Size = "tiny") -> None:
     torch.save({"state_dict": model.state_dict()}, directory / HPSV2_FILE)
     if size == "tiny":
         (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}, indent=2))
+
+
+AESTHETIC_DIR = "improved-aesthetic-predictor"  # not a hub repository: the predictor ships on GitHub
+
+
+def write_aesthetic(root: Path, size: Size = "tiny") -> Path:
+    """The aesthetic predictor's head as its checkpoint file, sized to the CLIPScore model's embedding (which the
+    predictor reads: ViT-L/14, 768 at real size), under ``root/improved-aesthetic-predictor/``; returns the file."""
+    from precise_lightning.rewards.aesthetic import CHECKPOINT, aesthetic_mlp
+
+    path = root / AESTHETIC_DIR / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(aesthetic_mlp(clip_config(CLIPSCORE, size).projection_dim).state_dict(), path)
+    return path
