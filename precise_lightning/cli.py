@@ -17,7 +17,7 @@ from precise_lightning.callbacks import EMA, RewardScorer
 from precise_lightning.data import PromptDataModule
 from precise_lightning.hub import set_model_root
 from precise_lightning.modules import GRPOModule
-from precise_lightning.modules.checks import micro_slices
+from precise_lightning.modules.checks import micro_slices, refuse_float16
 from precise_lightning.run_dirs import place_run
 
 
@@ -48,9 +48,7 @@ class GRPOCLI(LightningCLI):
         model, data, trainer = (self._get(self.config, key) for key in ("model", "data", "trainer"))
         if data.group_size and data.batch_size % data.group_size == 0:  # else the DataModule says what is wrong
             micro_slices(data.batch_size, model.micro_batch_size, model.updates_per_rollout)
-        if str(trainer.precision).startswith("16"):  # Lightning would turn it into bf16 on a CPU, with a warning
-            raise ValueError(f"trainer.precision {trainer.precision!r}: float16 is not supported (the update has no "
-                             "loss scaling): use bf16-mixed")
+        refuse_float16(trainer.precision)  # the config's value: Lightning would turn it into bf16 on a CPU
         place_run(self.subcommand, self.config.get(self.subcommand, self.config), trainer.logger)
         if self.subcommand == "fit":
             per_rollout = model.updates_per_rollout * model.inner_epochs
@@ -77,8 +75,6 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         parser_class=_Parser,  # `--model.clip_rang 0.1` must not silently set clip_range
         auto_configure_optimizers=False,  # GRPOModule builds its optimizer from model.optimizer
     )
-
-
 
 
 def run(args: list[str] | None = None) -> None:

@@ -17,9 +17,9 @@ from lightning.pytorch.utilities import rank_zero_info
 _VERSIONED = ("TensorBoardLogger", "CSVLogger")  # loggers laid out as save_dir/name/version
 
 
-def newest_last_checkpoint(save_dir: str, name: str) -> Path | None:
-    """The most recently written ``version_*/checkpoints/last.ckpt`` of a run name, if any."""
-    found = list((Path(save_dir) / (name or "")).glob("version_*/checkpoints/last.ckpt"))
+def newest_last_checkpoint(runs: Path) -> Path | None:
+    """The most recently written ``<runs>/version_*/checkpoints/last.ckpt``, if any."""
+    found = list(runs.glob("version_*/checkpoints/last.ckpt"))
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
@@ -28,20 +28,20 @@ def place_run(subcommand: str | None, config: Any, logger: Any) -> None:
     if subcommand not in ("fit", "validate") or not _is_versioned(logger):
         return
     args = logger.init_args
-    save_dir, name = args.save_dir, args.get("name", "lightning_logs")
+    runs = Path(args.save_dir) / (args.get("name", "lightning_logs") or "")  # save_dir/name: the versions' parent
     ckpt = config.get("ckpt_path")
     if ckpt == "last":
-        newest = newest_last_checkpoint(save_dir, name)
+        newest = newest_last_checkpoint(runs)
         if newest is None:
-            rank_zero_info(f"--ckpt_path last: no {Path(save_dir) / (name or '')}/version_*/checkpoints/last.ckpt "
-                           "yet, so this run starts from the beginning")
+            rank_zero_info(f"--ckpt_path last: no {runs}/version_*/checkpoints/last.ckpt yet, so this run starts "
+                           "from the beginning")
             config.ckpt_path = None
             return
         config.ckpt_path = ckpt = str(newest)
         rank_zero_info(f"--ckpt_path last: resuming from {newest}")
     if ckpt is not None and args.get("version") is None:
         path = Path(ckpt).resolve()
-        if path.parent.name == "checkpoints" and path.parent.parent.parent == (Path(save_dir) / (name or "")).resolve():
+        if path.parent.name == "checkpoints" and path.parent.parent.parent == runs.resolve():
             args.version = path.parent.parent.name
     elif subcommand == "validate" and args.get("version") is None:
         args.version = "validate"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import scalars
 from precise_lightning.tiny.models import SD35_MEDIUM
 
 pytestmark = pytest.mark.slow  # multi-process fits: minutes, left out of the inner loop
@@ -50,9 +50,7 @@ def _launch(tmp_path: Path, name: str, args: list[str], ckpt: Path | None = None
     state = torch.load(out)
     (version,) = (tmp_path / name).glob("*/version_*")
     state["version"] = version
-    acc = EventAccumulator(str(version))
-    acc.Reload()
-    state["rewards"] = [e.value for e in acc.Scalars("train/reward")]
+    state["rewards"] = scalars(version)["train/reward"]
     state["checkpoint"] = version / "checkpoints" / "last.ckpt"
     return state
 

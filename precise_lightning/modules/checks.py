@@ -21,6 +21,13 @@ def micro_slices(batch_size: int, micro_batch_size: int | None, updates_per_roll
     return [slice(i, i + micro) for i in range(0, batch_size, micro)]
 
 
+def refuse_float16(precision: Any) -> None:
+    """Float16 training is refused: the update has no loss scaling (any ``16*`` setting; bf16 is fine)."""
+    if str(precision).startswith("16"):
+        raise ValueError(f"trainer.precision {precision!r}: float16 is not supported (the update has no loss "
+                         "scaling): use bf16-mixed")
+
+
 def update_groups(num_slices: int, updates_per_rollout: int) -> list[range]:
     """The micro-batches of each optimizer step: update k takes k, k + U, ... Every rank holds a whole number of
     such strides, so each optimizer step sees the same samples however many ranks share the global batch."""

@@ -7,7 +7,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MeanMetric
 
+from precise_lightning.callbacks.rewards import RewardScorer
 from precise_lightning.sampling import Sampler
 
 
@@ -26,12 +29,18 @@ class Evaluation(LightningModule):
         trainer.training = True
         trainer._logger_connector._first_loop_iter = first_loop_iter
 
+    def make_eval_means(self, scorer: RewardScorer) -> nn.ModuleDict:
+        """One MeanMetric per logged evaluation tag: each reading's reward, reward components and held-out metrics."""
+        names = ["reward", *(f"reward_{n}" for n in scorer.rewards), *scorer.metrics]
+        tags = [f"{prefix}/{name}" for prefix in self._eval_prefixes() for name in names]
+        return nn.ModuleDict({_key(tag): MeanMetric() for tag in tags})
+
     def _eval_prefixes(self) -> dict[str, Sampler]:
         """Each evaluation reading's tag prefix and sampler: ``eval`` first (the one the grid shows), then extras."""
         return {"eval": self.eval_sampler} | {f"eval/{n}": s for n, s in self.extra_eval_samplers.items()}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        prompts, ids = batch["prompts"], batch["sample_ids"]
+        prompts, ids, metadata = batch["prompts"], batch["sample_ids"], batch.get("metadata")
         seed = self.hparams.eval_seed * 1_000_003
         noise = torch.stack(
             [torch.randn(self.policy.latent_shape, generator=torch.Generator().manual_seed(seed + int(i))) for i in ids]
@@ -44,15 +53,20 @@ class Evaluation(LightningModule):
             with torch.no_grad():
                 traj = sampler.sample(lambda x, t: self.policy.velocity(x, t, cond), noise, generator=generator)
                 images = self.policy.decode(traj.latents[-1])
-            rewards, components = self.scorer.score(images, prompts, batch.get("metadata"))
+            rewards, components = self.scorer.score(images, prompts, metadata)
             values = {"reward": rewards} | {f"reward_{n}": v for n, v in components.items()}
-            for name, value in (values | self.scorer.evaluate(images, prompts, batch.get("metadata"))).items():
-                self.eval_means[f"{prefix}/{name}".replace("/", ":")].update(value)
+            for name, value in (values | self.scorer.evaluate(images, prompts, metadata)).items():
+                self.eval_means[_key(f"{prefix}/{name}")].update(value)
             outputs = outputs or {"images": images, "prompts": prompts, "rewards": rewards}
         return outputs
 
     def on_validation_epoch_end(self) -> None:
         for key, metric in self.eval_means.items():
-            tag = key.replace(":", "/")
+            tag = key.replace(":", "/")  # the inverse of _key
             self.log(tag, metric.compute(), prog_bar=tag == "eval/reward")  # held-out metrics: never trained on
             metric.reset()
+
+
+def _key(tag: str) -> str:
+    """A logged tag as a ModuleDict key (keys cannot hold "/"); ``on_validation_epoch_end`` turns it back."""
+    return tag.replace("/", ":")

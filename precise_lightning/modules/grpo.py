@@ -19,14 +19,13 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics import MeanMetric
 
 from precise_lightning.callbacks.preemption import Preemption
 from precise_lightning.callbacks.progress import RolloutProgressBar
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
 from precise_lightning.checkpoint_io import VerifiedCheckpointIO
 from precise_lightning.hub import Dtype
-from precise_lightning.modules.checks import micro_slices, update_groups, update_plan
+from precise_lightning.modules.checks import micro_slices, refuse_float16, update_groups, update_plan
 from precise_lightning.modules.evaluation import Evaluation
 from precise_lightning.modules.guard import NonFiniteGuard, destroy_process_group_at_exit, non_finite_parts, oom_advice
 from precise_lightning.modules.logs import log_iteration
@@ -51,7 +50,9 @@ from precise_lightning.sampling import PerSample, Sampler, Trajectory, velocity_
 
 
 # The detached diagnostics of one (micro-batch, trained step), as _step_loss returns them.
-STEP_STATS = ("policy_loss", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "ratio_max_dev")
+STEP_STATS = (
+    "policy_loss", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "ratio_max_dev",
+)
 
 
 class GRPOModule(Evaluation):
@@ -166,12 +167,8 @@ class GRPOModule(Evaluation):
     # ---- set-up -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.scorer = find_reward_scorer(self.trainer)
-        names = ["reward", *(f"reward_{n}" for n in self.scorer.rewards), *self.scorer.metrics]
-        self.eval_means = nn.ModuleDict({  # ModuleDict keys cannot hold "/": the tag's slashes become ":"
-            f"{prefix}/{name}".replace("/", ":"): MeanMetric() for prefix in self._eval_prefixes() for name in names
-        })
-        if self.trainer.precision in ("16-mixed", "16-true"):
-            raise ValueError("float16 precision is not supported (the update has no loss scaling): use bf16-mixed")
+        self.eval_means = self.make_eval_means(self.scorer)
+        refuse_float16(self.trainer.precision)  # runs built without the CLI
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
         if stage == "fit" and batch_size:
             self._micro_slices(batch_size)  # fail before the first rollout, not inside it
@@ -345,11 +342,10 @@ class GRPOModule(Evaluation):
                                                            "grad_norm")}
         self._v_grad_sq = dict.fromkeys(steps, 0.0)  # per trained step: ||dL/dv||^2, filled by _step_loss's hooks
         first_update = True
-        live = [bool((advantages[s] != 0).any()) for s in slices]
+        live = [bool((advantages[s] != 0).any()) for s in slices] if hp.drop_zero_advantage else None
         for _ in range(hp.inner_epochs):
             for group in groups:
-                plan, scale, dropped = update_plan(group, live if hp.drop_zero_advantage else None, len(steps),
-                                                   self.trainer.strategy)
+                plan, scale, dropped = update_plan(group, live, len(steps), self.trainer.strategy)
                 stats["dropped_micro_batches"].append(dropped)
                 # Nothing kept (every sample of this update, on every process, has advantage 0): no gradient, but
                 # the optimizer still steps (weights untouched), so max_steps keeps counting rollouts' updates.
@@ -378,7 +374,8 @@ class GRPOModule(Evaluation):
                 first_update = first_update and not plan  # the ratio is 1 until weights first move
         # Each trained step's share of the signal the loss sends into the network (the gradient w.r.t. the velocity):
         # a step whose |d mean / d v| / std dwarfs the others' shows here as a share near 1 (see the README).
-        sq = torch.stack([torch.as_tensor(v, device=self.device, dtype=torch.float32) for v in self._v_grad_sq.values()])
+        sq = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device)
+                          for v in self._v_grad_sq.values()])
         norms = self.trainer.strategy.reduce(sq, reduce_op="sum").sqrt()  # the whole batch's, over all ranks
         for i, share in zip(self._v_grad_sq, norms / norms.sum().clamp_min(1e-30)):
             stats[f"step_share/step_{i:02d}"] = [share]

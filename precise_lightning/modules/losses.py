@@ -69,14 +69,13 @@ def kl_penalty(mean: Tensor, mean_ref: Tensor, std: Tensor, form: str, t: float,
       grid's second point ``t_second`` stands in the denominator), so its strength does not follow the step size.
     - ``precise``: the Precise code's ``mean((mean - mean_ref)^2)``, no division.
     """
-    sq = reduce_elements(((mean - mean_ref) ** 2).float())
     if form == "exact":
         return kl_to_reference(mean, mean_ref, std)
     if form == "flow_grpo":
         s_t = eta * math.sqrt(t / (1 - (t_second if t == 1 else t)))
-        return sq / (2 * s_t**2)
+        return reduce_elements(((mean - mean_ref) ** 2).float()) / (2 * s_t**2)
     if form == "precise":
-        return sq
+        return reduce_elements(((mean - mean_ref) ** 2).float())
     raise ValueError(f"kl_form must be one of {list(KL_FORMS)}, got {form!r}")
 
 

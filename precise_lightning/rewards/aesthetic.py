@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoProcessor, CLIPModel
+from transformers import AutoProcessor
 
 from precise_lightning.hub import Dtype, WeightsNotFoundError, frozen_dtype, load_pretrained
+from precise_lightning.rewards.clip import frozen_clip
 from precise_lightning.rewards.preprocess import ClipPreprocess
 
 CHECKPOINT = "sac+logos+ava1-l14-linearMSE.pth"
@@ -47,8 +48,7 @@ class AestheticScore(nn.Module):
                 f"{CHECKPOINT} from github.com/christophschuhmann/improved-aesthetic-predictor and give its path"
             )
         self.dtype = frozen_dtype(dtype)
-        self.clip = load_pretrained(CLIPModel.from_pretrained, clip, "AestheticScore CLIP model", "clip",
-                                    revision=revision).to(self.dtype).eval().requires_grad_(False)
+        self.clip = frozen_clip(clip, "AestheticScore CLIP model", "clip", revision, self.dtype)
         processor = load_pretrained(AutoProcessor.from_pretrained, clip, "AestheticScore processor", "clip",
                                     revision=revision)
         self.preprocess = ClipPreprocess.from_hf(processor)

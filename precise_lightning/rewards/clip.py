@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from transformers import AutoProcessor, CLIPModel
 
@@ -10,15 +11,19 @@ from precise_lightning.rewards.base import ClipReward
 from precise_lightning.rewards.preprocess import ClipPreprocess
 
 
+def frozen_clip(model: str, what: str, key: str, revision: str | None, dtype: torch.dtype) -> CLIPModel:
+    """A transformers ``CLIPModel`` from a hub id or local path, frozen in ``dtype`` (config key ``key`` in errors)."""
+    return load_pretrained(CLIPModel.from_pretrained, model, what, key, revision=revision).to(dtype).eval() \
+        .requires_grad_(False)
+
+
 class HFClipReward(ClipReward):
     """A transformers ``CLIPModel`` with the image preprocessing and tokenizer of ``processor``."""
 
     def __init__(self, model: str, processor: str | None, revision: str | None, dtype: Dtype) -> None:
         super().__init__(dtype)
         name = type(self).__name__
-        self.model = load_pretrained(
-            CLIPModel.from_pretrained, model, f"{name} model", "model", revision=revision
-        ).to(self.dtype).eval().requires_grad_(False)
+        self.model = frozen_clip(model, f"{name} model", "model", revision, self.dtype)
         proc = load_pretrained(AutoProcessor.from_pretrained, processor or model, f"{name} processor",
                                "processor" if processor else "model", revision=None if processor else revision)
         self.tokenizer = proc.tokenizer
