@@ -27,7 +27,6 @@ class ClipReward(nn.Module):
     def __init__(self, dtype: Dtype = "float32") -> None:
         super().__init__()
         self.dtype = frozen_dtype(dtype)
-        self._warned_truncation = False
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """Image embeddings [B, D] of normalised pixels [B, 3, S, S]."""
@@ -42,14 +41,7 @@ class ClipReward(nn.Module):
         raise NotImplementedError
 
     def warn_truncated(self, token_counts: list[int], prompts: list[str]) -> None:
-        """Warn once per scorer that prompts over the text encoder's limit were cut (as every published scorer does)."""
-        long = [p for n, p in zip(token_counts, prompts) if n > self.max_tokens]
-        if long and not self._warned_truncation:
-            self._warned_truncation = True
-            log.warning(
-                "%s: %d prompt(s) exceed the text encoder's %d tokens and are truncated, e.g. %r (warned once)",
-                type(self).__name__, len(long), self.max_tokens, long[0][:120],
-            )
+        warn_truncated_once(self, self.max_tokens, token_counts, prompts)
 
     @torch.no_grad()
     def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
@@ -61,3 +53,12 @@ class ClipReward(nn.Module):
         text = nn.functional.normalize(self.encode_texts(list(position)).float(), dim=-1)
         index = torch.tensor([position[p] for p in prompts], device=text.device)
         return self.formula((image * text[index]).sum(-1))
+
+
+def warn_truncated_once(scorer: nn.Module, max_tokens: int, token_counts: list[int], prompts: list[str]) -> None:
+    """Warn once per scorer that prompts over its text encoder's limit were cut (as every published scorer does)."""
+    long = [p for n, p in zip(token_counts, prompts) if n > max_tokens]
+    if long and not getattr(scorer, "_warned_truncation", False):
+        scorer._warned_truncation = True
+        log.warning("%s: %d prompt(s) exceed the text encoder's %d tokens and are truncated, e.g. %r (warned once)",
+                    type(scorer).__name__, len(long), max_tokens, long[0][:120])

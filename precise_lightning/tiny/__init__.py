@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from precise_lightning.tiny.models import write_models
-from precise_lightning.tiny.rewards import write_aesthetic, write_clip_rewards, write_hpsv2
+from precise_lightning.tiny.rewards import write_aesthetic, write_clip_rewards, write_hpsv2, write_imagereward
 
 
 def write_tiny(root: str | Path, seed: int = 0) -> Path:
@@ -24,4 +24,5 @@ def write_tiny(root: str | Path, seed: int = 0) -> Path:
         write_hpsv2(root, "tiny")
         write_models(root)
         write_aesthetic(root, "tiny")  # last: the others' random weights stay as they were
+        write_imagereward(root, "tiny")  # its own generator
     return root

@@ -5,14 +5,16 @@ for benchmarks."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
 import open_clip
 import torch
+from torch import Tensor
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from precise_lightning.tiny.tokenizers import clip_tokenizer
+from precise_lightning.tiny.tokenizers import bert_tokenizer, clip_tokenizer
 
 Size = Literal["tiny", "real"]
 PICKSCORE, PICKSCORE_PROCESSOR = "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -88,3 +90,72 @@ def write_aesthetic(root: Path, size: Size = "tiny") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(aesthetic_mlp(clip_config(CLIPSCORE, size).projection_dim).state_dict(), path)
     return path
+
+
+IMAGEREWARD, BERT = "THUDM/ImageReward", "google-bert/bert-base-uncased"
+
+
+def _published_random(shape: tuple[int, ...], key: str, generator: torch.Generator) -> Tensor:
+    """A random tensor a trained one could be: unit-scale activations through linear layers, norms near 1."""
+    if len(shape) > 1:
+        fan_in = math.prod(shape[1:]) if len(shape) == 4 else shape[-1]
+        return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+    if key.endswith("weight"):  # LayerNorm scale
+        return 1 + 0.1 * torch.randn(shape, generator=generator)
+    return 0.1 * torch.randn(shape, generator=generator)
+
+
+def imagereward_shapes(size: Size, text_layers: int | None = None) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """Key -> shape of ``ImageReward.pt`` as the package saves it (BLIP's ViT in timm's names, BLIP's BERT text
+    encoder, the contrastive projections, the MLP) and its ``med_config.json`` (as published, or tiny)."""
+    from transformers import BlipTextModel
+
+    from precise_lightning.rewards.imagereward import text_config
+
+    width, depth, patch, image = (1024, 24, 16, 224) if size == "real" else (64, 2, 16, 32)
+    med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+           "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072,
+           "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 12,
+           "num_hidden_layers": 12, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": 30524,
+           "encoder_width": 768, "add_cross_attention": True}
+    if size == "tiny":
+        med.update(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+    if text_layers is not None:
+        med["num_hidden_layers"] = text_layers
+    shapes = {"blip.visual_encoder.cls_token": (1, 1, width),
+              "blip.visual_encoder.pos_embed": (1, (image // patch) ** 2 + 1, width),
+              "blip.visual_encoder.patch_embed.proj.weight": (width, 3, patch, patch),
+              "blip.visual_encoder.patch_embed.proj.bias": (width,)}
+    block = {"norm1": (width,), "attn.qkv": (3 * width, width), "attn.proj": (width, width), "norm2": (width,),
+             "mlp.fc1": (4 * width, width), "mlp.fc2": (width, 4 * width)}
+    for i in range(depth):
+        for name, shape in block.items():
+            shapes[f"blip.visual_encoder.blocks.{i}.{name}.weight"] = shape
+            shapes[f"blip.visual_encoder.blocks.{i}.{name}.bias"] = shape[:1]
+    shapes |= {"blip.visual_encoder.norm.weight": (width,), "blip.visual_encoder.norm.bias": (width,)}
+    text = BlipTextModel(text_config(med, width), add_pooling_layer=False)
+    shapes |= {f"blip.text_encoder.{k}": tuple(v.shape) for k, v in text.state_dict().items() if "position_ids" not in k}
+    hidden = med["hidden_size"]
+    shapes |= {"blip.vision_proj.weight": (256, width), "blip.vision_proj.bias": (256,),
+               "blip.text_proj.weight": (256, hidden), "blip.text_proj.bias": (256,)}
+    for i, (fan_in, out) in zip([0, 2, 4, 6, 7], [(hidden, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]):
+        shapes |= {f"mlp.layers.{i}.weight": (out, fan_in), f"mlp.layers.{i}.bias": (out,)}
+    return shapes, med
+
+
+def write_imagereward(root: Path, size: Size = "tiny", text_layers: int | None = None, seed: int = 0) -> Path:
+    """``ImageReward.pt`` and ``med_config.json`` under ``root/THUDM/ImageReward`` (the same weights for the same
+    arguments, whatever the global RNG) and BLIP's tokenizer under ``root/google-bert/bert-base-uncased``."""
+    shapes, med = imagereward_shapes(size, text_layers)
+    generator = torch.Generator().manual_seed(seed)
+    state = {key: _published_random(shape, key, generator) for key, shape in shapes.items()}
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(med["max_position_embeddings"])[None]  # a buffer
+    directory = root / IMAGEREWARD
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / "ImageReward.pt")
+    (directory / "med_config.json").write_text(json.dumps(med, indent=2))
+    tokenizer = bert_tokenizer()
+    tokenizer.save_pretrained(root / BERT)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    (root / BERT / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab))  # the slow tokenizer's file
+    return directory

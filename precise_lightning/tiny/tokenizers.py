@@ -8,7 +8,7 @@ import gzip
 import string
 
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
-from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
+from transformers import BertTokenizer, CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 
 CLIP_VOCAB_SIZE = 49408
 
@@ -54,3 +54,19 @@ def qwen3_tokenizer() -> Qwen2Tokenizer:
     tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     return tokenizer
+
+
+BERT_VOCAB_SIZE = 30522
+
+
+def bert_tokenizer() -> BertTokenizer:
+    """``bert-base-uncased``'s tokenizer class, special-token ids and vocabulary size (30,522) over placeholder
+    entries, lower-case words, letters and their ``##`` continuations, so any ASCII prompt tokenizes without
+    unknowns; the ids of words differ from the real vocabulary's."""
+    specials = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}
+    words = "a an the of on in with and to is photo painting cat dog red blue green by at".split()
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    entries = [*dict.fromkeys(words + chars), *("##" + c for c in string.ascii_lowercase + string.digits)]
+    vocab = [specials.get(i, f"[unused{i}]") for i in range(104)] + entries
+    vocab += [f"[unused{i}]" for i in range(len(vocab), BERT_VOCAB_SIZE)]
+    return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True, model_max_length=512)
