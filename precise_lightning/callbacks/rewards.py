@@ -60,46 +60,78 @@ class RewardScorer(Callback):
         for model in [*self.rewards.values(), *self.metrics.values()]:
             model.to(pl_module.device).eval().requires_grad_(False)
 
+    def component_names(self) -> list[str]:
+        """What :meth:`score` returns per image besides the total: each reward, then each reward's details."""
+        return [*self.rewards, *_detail_names(self.rewards)]
+
+    def metric_names(self) -> list[str]:
+        """What :meth:`evaluate` returns per image: each held-out metric, then each metric's details."""
+        return [*self.metrics, *_detail_names(self.metrics)]
+
     @torch.no_grad()
     def score(
         self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total reward [B] (float32) and each component's raw value [B]. ``metadata`` (a JSONL prompt file's other
+        """Total reward [B] (float32) and, per image, each component's raw value and each component's details
+        (``<name>/<detail>``, NaN where a detail does not apply). ``metadata`` (a JSONL prompt file's other
         fields, one dict per image) reaches the rewards whose class sets ``wants_metadata = True``."""
-        components = {name: _call(name, model, images, prompts, metadata) for name, model in self.rewards.items()}
+        components, details = _score_all(self.rewards, images, prompts, metadata)
         total = torch.zeros(len(images), device=images.device)
         for name, value in components.items():
             if self.normalize:
                 gathered = self._trainer.strategy.all_gather(value).reshape(-1) if self._trainer else value
                 value = (value - gathered.mean()) / (gathered.std(unbiased=False) + 1e-8)  # numpy's std, as published
             total = total + self.weights[name] * value
-        return total, components
+        return total, components | details
 
     @torch.no_grad()
     def evaluate(
         self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None = None
     ) -> dict[str, Tensor]:
-        """Each held-out metric [B] (float32)."""
-        return {name: _call(name, model, images, prompts, metadata) for name, model in self.metrics.items()}
+        """Each held-out metric [B] (float32) and its details."""
+        values, details = _score_all(self.metrics, images, prompts, metadata)
+        return values | details
+
+
+def _detail_names(models: dict[str, nn.Module]) -> list[str]:
+    return [f"{name}/{detail}" for name, model in models.items() for detail in getattr(model, "detail_names", ())]
+
+
+def _score_all(
+    models: dict[str, nn.Module], images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Each model's scores [B] and the details of those that declare ``detail_names`` (``<name>/<detail>``)."""
+    scores, details = {}, {}
+    for name, model in models.items():
+        scores[name], own = _call(name, model, images, prompts, metadata)
+        details |= {f"{name}/{detail}": value for detail, value in own.items()}
+    return scores, details
 
 
 def _call(
     name: str, model: nn.Module, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None
-) -> Tensor:
-    """One reward model's scores [B] (float32); its failure is reported with the reward's name and the prompts."""
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One reward model's scores [B] (float32) and details; its failure is reported with the reward's name and the
+    prompts. A model with ``detail_names`` returns ``(scores, {detail: [B]})``, exactly those details."""
     try:
         if getattr(model, "wants_metadata", False):
-            scores = model(images, prompts, metadata=metadata or [{} for _ in prompts])
+            out = model(images, prompts, metadata=metadata or [{} for _ in prompts])
         else:
-            scores = model(images, prompts)
+            out = model(images, prompts)
     except torch.OutOfMemoryError:
         raise
     except Exception as err:
         shown = ", ".join(repr(p) for p in prompts[:3]) + (f" and {len(prompts) - 3} more" if len(prompts) > 3 else "")
         raise RuntimeError(f"reward {name!r} ({type(model).__name__}) failed on prompts {shown}: {err}") from err
-    if scores.shape != (len(images),):
-        raise ValueError(f"reward {name!r} returned shape {tuple(scores.shape)}, expected ({len(images)},)")
-    return scores.float()
+    declared = tuple(getattr(model, "detail_names", ()))
+    scores, details = out if declared else (out, {})
+    if set(details) != set(declared):
+        raise ValueError(f"reward {name!r} returned details {sorted(details)}, declared {sorted(declared)}")
+    for key, value in {name: scores, **details}.items():
+        if value.shape != (len(images),):
+            raise ValueError(f"reward {name!r} returned shape {tuple(value.shape)} for {key!r}, expected "
+                             f"({len(images)},)")
+    return scores.float(), {key: value.float() for key, value in details.items()}
 
 
 def find_reward_scorer(trainer: Trainer) -> RewardScorer:

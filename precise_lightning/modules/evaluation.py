@@ -31,9 +31,11 @@ class Evaluation(LightningModule):
 
     def make_eval_means(self, scorer: RewardScorer) -> nn.ModuleDict:
         """One MeanMetric per logged evaluation tag: each reading's reward, reward components and held-out metrics."""
-        names = ["reward", *(f"reward_{n}" for n in scorer.rewards), *scorer.metrics]
+        names = ["reward", *(f"reward_{n}" for n in scorer.component_names()), *scorer.metric_names()]
         tags = [f"{prefix}/{name}" for prefix in self._eval_prefixes() for name in names]
-        return nn.ModuleDict({_key(tag): MeanMetric() for tag in tags})
+        # A reward's details are NaN where they do not apply (another GenEval tag): left out of their mean.
+        return nn.ModuleDict({_key(tag): MeanMetric(nan_strategy="ignore" if "/" in name else "warn")
+                              for tag, name in zip(tags, names * len(self._eval_prefixes()))})
 
     def _eval_prefixes(self) -> dict[str, Sampler]:
         """Each evaluation reading's tag prefix and sampler: ``eval`` first (the one the grid shows), then extras."""
@@ -63,7 +65,9 @@ class Evaluation(LightningModule):
     def on_validation_epoch_end(self) -> None:
         for key, metric in self.eval_means.items():
             tag = key.replace(":", "/")  # the inverse of _key
-            self.log(tag, metric.compute(), prog_bar=tag == "eval/reward")  # held-out metrics: never trained on
+            value = metric.compute()  # synced over ranks: the same on each, so the same tags are logged on each
+            if not torch.isnan(value):  # NaN: a detail that applied to no evaluation image
+                self.log(tag, value, prog_bar=tag == "eval/reward")  # held-out metrics: never trained on
             metric.reset()
 
 

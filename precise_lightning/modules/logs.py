@@ -21,6 +21,11 @@ def log_iteration(
     module.log("train/reward", rewards.mean(), prog_bar=True, sync_dist=True, **log)
     module.log("train/reward_std", module.all_gather(rewards).float().std(unbiased=False), **log)  # over all ranks
     for name, value in components.items():
+        if "/" in name:  # a reward's detail, NaN where it does not apply: the mean of the rest over all ranks
+            mean = _reduce_over_ranks(module, [value[~value.isnan()]], "mean")
+            if mean is not None:
+                module.log(f"train/reward_{name}", mean, **log)
+            continue
         module.log(f"train/reward_{name}", value.mean(), sync_dist=True, **log)
         module.log(f"train/reward_{name}_std", module.all_gather(value).float().std(unbiased=False), **log)
     module.log("train/zero_advantage_fraction", (advantages == 0).float().mean(), sync_dist=True, **log)
