@@ -12,16 +12,18 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 from PIL import Image
 
 from precise_lightning.rewards.geneval import TAGS
 
 
 def geneval_reply(request: dict) -> dict:
-    """What the fake detector finds: score = the metadata's ``fake_score``; strict 1 where it is 1; per tag -10
-    for the images of other tags, as the real server."""
-    scores = [m["fake_score"] for m in request["meta_datas"]]
-    strict = [1.0 if s == 1 else 0.0 for s in scores]
+    """What the fake detector finds: score = the metadata's ``fake_score``, else the image's mean brightness; strict
+    1 where the score is at least 0.5; per tag -10 for the images of other tags, as the real server."""
+    scores = [m.get("fake_score", float(np.asarray(decoded(image)).mean() / 255))
+              for m, image in zip(request["meta_datas"], request["images"])]
+    strict = [1.0 if s >= 0.5 else 0.0 for s in scores]
     correct = [0.0 if request["only_strict"] else 1.0 for _ in scores]
     tags = [m["tag"] for m in request["meta_datas"]]
     return {"scores": scores, "rewards": correct, "strict_rewards": strict,

@@ -16,7 +16,8 @@ from conftest import demo_args
 
 
 class Scripted(nn.Module):
-    """Wraps a reward: on the calls ``bad(call)`` selects (1-based) it returns NaN, a constant, or raises."""
+    """Wraps a reward: on the calls ``bad(call)`` selects (1-based) it returns NaN, a constant, or raises. A rollout
+    scores its micro-batches one call each: 2 calls per rollout in these runs (32 images, micro-batches of 16)."""
 
     def __init__(self, inner: nn.Module, bad, mode: str) -> None:
         super().__init__()
@@ -55,7 +56,7 @@ def _scale_velocity(run, when):
 @pytest.mark.parametrize(
     "fault,first_bad,reason",
     [
-        (lambda run: _script_reward(run, lambda call: call >= 3, "nan"), 3, r"non-finite rewards in rollout 2"),
+        (lambda run: _script_reward(run, lambda call: call >= 5, "nan"), 3, r"non-finite rewards in rollout 2"),
         (lambda run: _scale_velocity(run, lambda: True), 1,
          r"non-finite latents \(velocities\), log-probs, rewards in rollout 0"),
         (lambda run: _scale_velocity(run, torch.is_grad_enabled), 1, r"non-finite gradient norm in rollout 0"),
@@ -84,7 +85,7 @@ def test_non_finite_values_skip_updates_then_stop_keeping_the_last_good_checkpoi
 
 def test_isolated_non_finite_iteration_is_skipped_and_training_goes_on(tmp_path):
     run = _run(tmp_path, "--model.max_bad_iterations", "2", "--trainer.max_steps", "6")
-    _script_reward(run, lambda call: call == 2, "nan")
+    _script_reward(run, lambda call: call == 4, "nan")  # the second micro-batch of rollout 1
     with pytest.warns(RuntimeWarning, match="update skipped: non-finite rewards in rollout 1"):
         run.trainer.fit(run.model, datamodule=run.datamodule)
     assert run.trainer.global_step == 6 and run.model.rollouts == 4  # one rollout's update skipped
@@ -108,7 +109,7 @@ def test_failing_reward_names_itself_and_the_prompts(tmp_path):
     run = _run(tmp_path)
     _script_reward(run, lambda call: True, "raise")
     with pytest.raises(RuntimeError, match=r"reward 'digit' \(Scripted\) failed on prompts 'a handwritten digit \d+'"
-                                           r".* and 29 more: scorer crashed"):
+                                           r".* and 13 more: scorer crashed"):
         run.trainer.fit(run.model, datamodule=run.datamodule)
 
 

@@ -132,3 +132,18 @@ def test_klein_pickscore_overlay_trains_on_pickscore_alone(capsys):
     assert list(parsed["reward"]["rewards"]) == ["pickscore"] and parsed["reward"]["normalize"] is True
     wrong = [key for key, value, _ in KLEIN if key != "reward.weights" and _get(parsed, key) != value]
     assert not wrong, wrong
+
+
+def test_klein_geneval_overlay_trains_on_the_geneval_server(capsys):
+    """config/flux2_klein.py reward="geneval": GenEval alone over HTTP, GenEval's prompts, its evaluation batch."""
+    parsed = _parsed("configs/flux2_klein_precise.yaml --config configs/flux2_klein_geneval.yaml", capsys)
+    reward = parsed["reward"]
+    assert list(reward["rewards"]) == ["geneval"] and reward["normalize"] is True and reward["metrics"] == {}
+    geneval = reward["rewards"]["geneval"]
+    assert geneval["class_path"] == "precise_lightning.rewards.GenEvalReward"
+    assert (geneval["init_args"]["urls"], geneval["init_args"]["batch_size"], geneval["init_args"]["only_strict"]) \
+        == ("http://127.0.0.1:18085", 64, True)  # {PRECISE} precise_sde/rewards/remote.py and registry.py
+    assert parsed["data"]["train_file"].endswith("geneval/train_metadata.jsonl")
+    assert parsed["data"]["eval_batch_size"] == 7  # {PRECISE} config/base.py geneval_eval_targets
+    wrong = [key for key, value, _ in KLEIN if key != "reward.weights" and _get(parsed, key) != value]
+    assert not wrong, wrong

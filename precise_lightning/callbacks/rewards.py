@@ -4,6 +4,8 @@ rollouts and evaluation images, and :meth:`evaluate` on evaluation images only."
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -28,6 +30,10 @@ class RewardScorer(Callback):
         normalize: z-normalise each component over the gathered batch before weighting (see above).
         metrics: name -> held-out metric, scored on evaluation images only (never on rollouts, never trained on)
             and logged as ``eval/<name>``; e.g. HPSv2.1 and CLIPScore for a run trained on PickScore.
+        overlap: score the rewards that wait on a server (``io_bound = True``: GenEval, VLM judges) in a background
+            thread, each micro-batch as soon as it is decoded, while the next one samples. Rewards computed here
+            score each micro-batch at once in the training thread: a second thread computing on the same CPU
+            cores or GPU stream slows sampling more than it hides. Results are the same either way.
     """
 
     def __init__(
@@ -36,6 +42,7 @@ class RewardScorer(Callback):
         weights: dict[str, float] | None = None,
         normalize: bool = False,
         metrics: dict[str, nn.Module] | None = None,
+        overlap: bool = True,
     ) -> None:
         super().__init__()
         if not rewards:
@@ -53,6 +60,7 @@ class RewardScorer(Callback):
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in rewards}
         self.normalize = normalize
         self.metrics = metrics or {}
+        self.overlap = overlap
         self._trainer: Trainer | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -68,6 +76,10 @@ class RewardScorer(Callback):
         """What :meth:`evaluate` returns per image: each held-out metric, then each metric's details."""
         return [*self.metrics, *_detail_names(self.metrics)]
 
+    def start_round(self, prompts: list[str], metadata: list[dict[str, Any]] | None = None) -> ScoringRound:
+        """Scoring of one rollout's images, handed over micro-batch by micro-batch (see ``overlap``)."""
+        return ScoringRound(self, prompts, metadata)
+
     @torch.no_grad()
     def score(
         self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None = None
@@ -75,14 +87,20 @@ class RewardScorer(Callback):
         """Total reward [B] (float32) and, per image, each component's raw value and each component's details
         (``<name>/<detail>``, NaN where a detail does not apply). ``metadata`` (a JSONL prompt file's other
         fields, one dict per image) reaches the rewards whose class sets ``wants_metadata = True``."""
-        components, details = _score_all(self.rewards, images, prompts, metadata)
-        total = torch.zeros(len(images), device=images.device)
-        for name, value in components.items():
+        scoring = self.start_round(prompts, metadata)
+        scoring.submit(slice(0, len(prompts)), images)
+        return scoring.result()
+
+    def combine(self, components: dict[str, Tensor]) -> Tensor:
+        """The total reward [B] of the components [B] (optionally z-normalised over all ranks), weighted."""
+        total = torch.zeros_like(components[next(iter(self.rewards))])
+        for name in self.rewards:
+            value = components[name]
             if self.normalize:
                 gathered = self._trainer.strategy.all_gather(value).reshape(-1) if self._trainer else value
                 value = (value - gathered.mean()) / (gathered.std(unbiased=False) + 1e-8)  # numpy's std, as published
             total = total + self.weights[name] * value
-        return total, components | details
+        return total
 
     @torch.no_grad()
     def evaluate(
@@ -91,6 +109,55 @@ class RewardScorer(Callback):
         """Each held-out metric [B] (float32) and its details."""
         values, details = _score_all(self.metrics, images, prompts, metadata)
         return values | details
+
+
+class ScoringRound:
+    """One rollout's scoring: :meth:`submit` each micro-batch's images as they are decoded, then :meth:`result`.
+
+    Local reward models score a micro-batch at once; I/O-bound ones (``io_bound = True``) in one background thread
+    when the scorer's ``overlap`` is on, on a CPU copy taken here (a copy made in the background would queue behind
+    the next micro-batch's sampling on the GPU). ``inline_seconds``: time the training thread spent scoring.
+    """
+
+    def __init__(self, scorer: RewardScorer, prompts: list[str], metadata: list[dict[str, Any]] | None) -> None:
+        self.scorer, self.prompts, self.metadata = scorer, prompts, metadata
+        io_bound = {n for n, m in scorer.rewards.items() if getattr(m, "io_bound", False)} if scorer.overlap else set()
+        self.inline = {n: m for n, m in scorer.rewards.items() if n not in io_bound}
+        self.background = {n: m for n, m in scorer.rewards.items() if n in io_bound}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="reward") if self.background else None
+        self.parts: list[tuple[tuple[dict[str, Tensor], dict[str, Tensor]], Future | None]] = []
+        self.inline_seconds = 0.0
+        self.device = torch.device("cpu")
+
+    @torch.no_grad()
+    def submit(self, rows: slice, images: Tensor) -> None:
+        """Score ``images`` [b, C, H, W], the rollout's rows ``rows`` (in order, each row once)."""
+        prompts = self.prompts[rows]
+        metadata = self.metadata[rows] if self.metadata is not None else None
+        self.device = images.device
+        start = time.perf_counter()
+        now = _score_all(self.inline, images, prompts, metadata)
+        later = None
+        if self.pool is not None:
+            later = self.pool.submit(_score_all, self.background, images.detach().cpu(), prompts, metadata)
+        self.inline_seconds += time.perf_counter() - start
+        self.parts.append((now, later))
+
+    def result(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total reward [B] and components, as :meth:`RewardScorer.score` returns them for the whole batch."""
+        columns: dict[str, list[Tensor]] = {name: [] for name in self.scorer.component_names()}
+        try:
+            for (scores, details), later in self.parts:
+                if later is not None:
+                    more_scores, more_details = later.result()
+                    scores, details = scores | more_scores, details | more_details
+                for name, value in (scores | details).items():
+                    columns[name].append(value)
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(cancel_futures=True)
+        components = {name: torch.cat([v.to(self.device) for v in values]) for name, values in columns.items()}
+        return self.scorer.combine(components), components
 
 
 def _detail_names(models: dict[str, nn.Module]) -> list[str]:

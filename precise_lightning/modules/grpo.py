@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any
@@ -240,10 +240,12 @@ class GRPOModule(Evaluation):
 
     @torch.no_grad()
     def rollout(
-        self, cond: Any, noise: Tensor, slices: list[slice], generator: PerSample | torch.Generator | None
+        self, cond: Any, noise: Tensor, slices: list[slice], generator: PerSample | torch.Generator | None,
+        on_images: Callable[[slice, Tensor], None] | None = None,
     ) -> tuple[list[Trajectory], Tensor]:
-        """Trajectories per micro-batch (the same split the update uses) and the decoded images [B, C, H, W]."""
-        trajectories = []
+        """Trajectories per micro-batch (the same split the update uses) and the decoded images [B, C, H, W]; each
+        micro-batch is decoded as soon as it is sampled and handed to ``on_images(rows, images)`` (scoring)."""
+        trajectories, images = [], []
         for s in slices:
             cond_s = slice_cond(cond, s)
             trajectories.append(
@@ -255,8 +257,10 @@ class GRPOModule(Evaluation):
                     rollout_index=self.rollouts,
                 )
             )
-        images = self.policy.decode(torch.cat([traj.latents[-1] for traj in trajectories]))
-        return trajectories, images
+            images.append(self.policy.decode(trajectories[-1].latents[-1]))
+            if on_images is not None:
+                on_images(s, images[-1])
+        return trajectories, torch.cat(images)
 
     def _sample_generators(self, sample_ids: Tensor) -> PerSample:
         """One generator per sample, seeded by (run seed, rollout, sample id): independent of ranks and restarts."""
@@ -275,13 +279,15 @@ class GRPOModule(Evaluation):
         try:
             with self._phase("encode"):
                 cond = self.policy.encode(prompts)
-            with self._phase("rollout"):
+            with self._phase("rollout"):  # scoring starts as micro-batches are decoded (RewardScorer.overlap)
                 generator = self._sample_generators(batch["sample_ids"])
                 noise = generator.randn((len(prompts), *self.policy.latent_shape), torch.float32, self.device)
-                trajectories, images = self.rollout(cond, noise, slices, generator)
-            with self._phase("reward"):
-                rewards, components = self.scorer.score(images, prompts, batch.get("metadata"))
+                scoring = self.scorer.start_round(prompts, batch.get("metadata"))
+                trajectories, images = self.rollout(cond, noise, slices, generator, on_images=scoring.submit)
+            with self._phase("reward"):  # what is left of scoring once sampling is done
+                rewards, components = scoring.result()
                 advantages, flat_groups = self._advantages(rewards, group_ids)
+            self.log("time/reward_inline_s", scoring.inline_seconds, on_step=True)
             stats: dict[str, list[Tensor]] = defaultdict(list)
             if self._finite_rollout(trajectories, rewards):
                 with self._phase("update"):

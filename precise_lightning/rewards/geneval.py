@@ -47,6 +47,7 @@ class GenEvalReward(nn.Module):
     """
 
     wants_metadata = True
+    io_bound = True  # waits on a server: scored in the background while sampling goes on
     detail_names = ("strict_accuracy", "accuracy", *(f"{t}_strict_accuracy" for t in TAGS),
                     *(f"{t}_accuracy" for t in TAGS))
 

@@ -63,6 +63,7 @@ class UnifiedReward(nn.Module):
         api_key: sent as a bearer token (``EMPTY`` for a local vLLM / sglang server, as published).
     """
 
+    io_bound = True  # waits on a server: scored in the background while sampling goes on
     detail_names = PARTS
 
     def __init__(self, urls: str | list[str], model: str = "UnifiedReward", weights: dict[str, float] | None = None,
