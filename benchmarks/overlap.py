@@ -5,16 +5,19 @@ protocol) on 127.0.0.1 that takes a set time per request.
     python benchmarks/overlap.py                       # about 2 min on 2 CPU cores
     python benchmarks/overlap.py --latency 0.05 0.2
 
-Each setting runs ``--iterations`` GRPO iterations (the first, warm-up, is left out) with no evaluation. Columns:
-seconds per iteration; ``reward wait``: seconds the training thread waits for rewards after the last micro-batch
-is sampled (``time/reward_s``); ``rest``: iteration minus that wait (sampling, decoding, update), which overlap
-must not slow; ``hidden``: the share of the sequential reward wait that overlap removed.
+The judge runs in a process of its own, as a real server would (in the trainer's process its threads would compete
+for the interpreter lock). Each setting runs ``--iterations`` GRPO iterations (the first, warm-up, is left out)
+with no evaluation. Columns: seconds per iteration; ``reward``: seconds the training thread spends on rewards
+(scoring inline, ``time/reward_inline_s``, plus waiting after the last micro-batch, ``time/reward_s``); ``rest``:
+the iteration without them (sampling, decoding, update), which overlap must not slow; ``hidden``: the share of the
+sequential reward time that overlap removed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import threading
@@ -29,6 +32,13 @@ import cli  # noqa: E402
 from precise_lightning.callbacks import RewardScorer  # noqa: E402
 from precise_lightning.rewards import UnifiedReward  # noqa: E402
 from precise_lightning.tiny import write_tiny  # noqa: E402
+
+
+def serve(latency: float) -> None:
+    """Run the judge until killed; its port on the first line of stdout."""
+    server = judge_server(latency)
+    print(server.server_address[1], flush=True)
+    threading.Event().wait()
 
 
 def judge_server(latency: float) -> ThreadingHTTPServer:
@@ -55,6 +65,11 @@ def judge_server(latency: float) -> ThreadingHTTPServer:
     return server
 
 
+def start_judge(latency: float) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([sys.executable, __file__, "--serve", str(latency)], stdout=subprocess.PIPE, text=True)
+    return process, f"http://127.0.0.1:{int(process.stdout.readline())}"
+
+
 class IterationTimes(Callback):
     def __init__(self) -> None:
         self.seconds, self.waits = [], []
@@ -64,7 +79,8 @@ class IterationTimes(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seconds.append(time.perf_counter() - self.start)
-        self.waits.append(float(trainer.callback_metrics["time/reward_s"]))
+        metrics = trainer.callback_metrics
+        self.waits.append(float(metrics["time/reward_s"]) + float(metrics["time/reward_inline_s"]))
 
 
 SETTINGS = {
@@ -76,7 +92,7 @@ SETTINGS = {
 
 def measure(setting: str, root: Path, url: str, overlap: bool, iterations: int, in_flight: int) -> tuple:
     run = cli.main([*SETTINGS[setting], "--model_root", str(root), "--trainer.logger", "false",
-                    "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+                    "--trainer.default_root_dir", tempfile.mkdtemp(), "--trainer.enable_progress_bar", "false",
                     "--trainer.limit_val_batches", "0", "--model.eval_at_start", "false",
                     "--trainer.max_steps", str(2 * iterations)], run=False)  # 2 optimizer steps per iteration
     scorer = next(cb for cb in run.trainer.callbacks if isinstance(cb, RewardScorer))
@@ -95,17 +111,19 @@ def main() -> None:
     parser.add_argument("--latency", type=float, nargs="+", default=[0.05, 0.2], help="seconds per request")
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--in-flight", type=int, default=8, help="UnifiedReward.max_in_flight")
+    parser.add_argument("--serve", type=float, help=argparse.SUPPRESS)  # the judge's own process
     args = parser.parse_args()
+    if args.serve is not None:
+        return serve(args.serve)
     root = write_tiny(Path(tempfile.mkdtemp()) / "tiny")
-    print("| setting | s/request | overlap | s/iteration | reward wait s | rest s | hidden |")
+    print("| setting | s/request | overlap | s/iteration | reward s | rest s | hidden |")
     print("|---|---|---|---|---|---|---|")
     for setting in SETTINGS:
         for latency in args.latency:
-            server = judge_server(latency)
-            url = f"http://127.0.0.1:{server.server_address[1]}"
+            judge, url = start_judge(latency)
             off = measure(setting, root, url, False, args.iterations, args.in_flight)
             on = measure(setting, root, url, True, args.iterations, args.in_flight)
-            server.shutdown()
+            judge.kill()
             for name, (seconds, wait) in [("off", off), ("on", on)]:
                 hidden = f"{1 - on[1] / off[1]:.0%}" if name == "on" else ""
                 print(f"| {setting} | {latency} | {name} | {seconds:.2f} | {wait:.2f} | {seconds - wait:.2f} | "

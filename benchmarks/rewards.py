@@ -3,10 +3,11 @@ weights, written in the published formats and loaded through the product's own l
 demo's rollout.
 
 PickScore is OpenCLIP ViT-H/14 (986M parameters), HPSv2.1 the same architecture in open_clip, CLIPScore OpenAI
-ViT-L/14 (428M). Images are 512 x 512 (the recipes' resolution), prompts a GRPO batch (each repeated 8 times).
+ViT-L/14 (428M), the aesthetic predictor an MLP on that ViT-L/14's image tower, ImageReward BLIP's ViT-L/16 with a
+BERT-base text encoder reading it (about 470M). Images are 512 x 512 (the recipes' resolution), prompts a GRPO batch (each repeated 8 times).
 On a GPU each scorer also runs with bfloat16 weights. Prints a table and saves a bar chart.
 
-    python benchmarks/rewards.py [--batch 32] [--repeats 3] [--device auto] [--out benchmarks/out]
+    python benchmarks/rewards.py [--batch 32] [--repeats 3] [--device auto] [--out benchmarks/out] [--only NAME ...]
     python benchmarks/rewards.py --size tiny --repeats 1   # seconds: checks the script, measures nothing useful
     python benchmarks/rewards.py --dtype-error [--size tiny]  # bfloat16 weights' score error against float32
 
@@ -28,11 +29,20 @@ import torch
 
 from precise_lightning.hub import set_model_root
 from precise_lightning.modules import DigitsPolicy
-from precise_lightning.rewards import CLIPScore, HPSv2, PickScore
+from precise_lightning.rewards import AestheticScore, CLIPScore, HPSv2, ImageReward, PickScore
 from precise_lightning.sampling import Sampler
-from precise_lightning.tiny.rewards import write_clip_rewards, write_hpsv2
+from precise_lightning.tiny.rewards import (
+    AESTHETIC_DIR, write_aesthetic, write_clip_rewards, write_hpsv2, write_imagereward,
+)
 
-SCORERS = {"PickScore (ViT-H/14)": PickScore, "HPSv2.1 (ViT-H/14)": HPSv2, "CLIPScore (ViT-L/14)": CLIPScore}
+# name -> build(model root, dtype)
+SCORERS = {
+    "PickScore (ViT-H/14)": lambda root, dtype: PickScore(dtype=dtype),
+    "HPSv2.1 (ViT-H/14)": lambda root, dtype: HPSv2(dtype=dtype),
+    "CLIPScore (ViT-L/14)": lambda root, dtype: CLIPScore(dtype=dtype),
+    "Aesthetic (ViT-L/14 + MLP)": lambda root, dtype: AestheticScore(str(root / AESTHETIC_DIR), dtype=dtype),
+    "ImageReward (BLIP ViT-L/16)": lambda root, dtype: ImageReward(dtype=dtype),
+}
 GROUP = 8
 
 
@@ -63,19 +73,19 @@ def _weights_gib(module: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
 
 
-def bench_scorers(root: Path, device: torch.device, batch: int, repeats: int) -> list[dict]:
+def bench_scorers(root: Path, device: torch.device, batch: int, repeats: int, names: list[str]) -> list[dict]:
     set_model_root(str(root))
     g = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, 512, 512, generator=g).to(device)
     prompts = [f"prompt number {i // GROUP}: a detailed photo of a red fox in snow" for i in range(batch)]
     dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
     rows = []
-    for name, cls in SCORERS.items():
+    for name in names:
         for dtype in dtypes:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            scorer = cls(dtype=dtype).to(device)
+            scorer = SCORERS[name](root, dtype).to(device)
             load_s = time.perf_counter() - start
             seconds = _timed(lambda scorer=scorer: scorer(images, prompts), device, repeats)
             rows.append(dict(what=name, dtype=dtype, seconds=seconds, images_per_s=batch / seconds,
@@ -87,7 +97,7 @@ def bench_scorers(root: Path, device: torch.device, batch: int, repeats: int) ->
     return rows
 
 
-def dtype_error(root: Path, device: torch.device, batch: int) -> None:
+def dtype_error(root: Path, device: torch.device, batch: int, names: list[str]) -> None:
     """Print, per scorer, bfloat16's score error against float32 on the same images and its effect on rankings."""
     set_model_root(str(root))
     g = torch.Generator().manual_seed(0)
@@ -96,10 +106,10 @@ def dtype_error(root: Path, device: torch.device, batch: int) -> None:
     prompts = [f"prompt number {i // GROUP}: a detailed photo of a red fox in snow" for i in range(batch)]
     print("\n| scorer | max abs error | median abs error | within-group std (float32) | pairs reordered |")
     print("|---|---|---|---|---|")
-    for name, cls in SCORERS.items():
+    for name in names:
         scores = {}
         for dtype in ("float32", "bfloat16"):
-            scorer = cls(dtype=dtype).to(device)
+            scorer = SCORERS[name](root, dtype).to(device)
             scores[dtype] = scorer(images, prompts).double().cpu()
             del scorer
             gc.collect()
@@ -161,7 +171,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--size", choices=["real", "tiny"], default="real", help="architectures to write and time")
     parser.add_argument("--dtype-error", action="store_true", help="measure bfloat16's score error instead of speed")
+    parser.add_argument("--only", nargs="+", default=[], help="scorers whose name starts with one of these")
     args = parser.parse_args()
+    names = [n for n in SCORERS if not args.only or n.startswith(tuple(args.only))]
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -173,10 +185,12 @@ def main() -> None:
             torch.manual_seed(0)
             write_clip_rewards(Path(root), args.size)
             write_hpsv2(Path(root), args.size)
+            write_aesthetic(Path(root), args.size)
+        write_imagereward(Path(root), args.size)
         if args.dtype_error:
-            dtype_error(Path(root), device, args.batch)
+            dtype_error(Path(root), device, args.batch, names)
             return
-        rows = bench_scorers(Path(root), device, args.batch, args.repeats)
+        rows = bench_scorers(Path(root), device, args.batch, args.repeats, names)
     rows.append(bench_demo_rollout(device, args.repeats))
     print(f"\n| what | dtype | s per {args.batch} images | images / s | load s | weights GiB | peak GPU GiB |")
     print("|---|---|---|---|---|---|---|")

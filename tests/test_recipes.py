@@ -92,6 +92,8 @@ KLEIN = [
     ("ema.warmup", True, f"{PRECISE} precise_sde/core/ema.py get_current_decay"),
     ("reward.normalize", True, f"{PRECISE} config/base.py normalize_rewards"),
     ("reward.weights", None, f"{PRECISE} config/base.py mix_reward_fn (weights 1)"),
+    ("reward.metrics.imagereward.class_path", "precise_lightning.rewards.ImageReward",
+     f"{PRECISE} config/base.py mix_eval_targets"),
     ("trainer.precision", "bf16-mixed", f"{PRECISE} config/flux2_klein.py mixed_precision"),
     ("seed_everything", 42, f"{PRECISE} config/base.py seed"),
 ]
@@ -130,7 +132,7 @@ def test_klein_pickscore_overlay_trains_on_pickscore_alone(capsys):
     """config/flux2_klein.py reward="pickscore": the mix recipe with PickScore as the only reward."""
     parsed = _parsed("configs/flux2_klein_precise.yaml --config configs/flux2_klein_pickscore.yaml", capsys)
     assert list(parsed["reward"]["rewards"]) == ["pickscore"] and parsed["reward"]["normalize"] is True
-    wrong = [key for key, value, _ in KLEIN if key != "reward.weights" and _get(parsed, key) != value]
+    wrong = [key for key, value, _ in KLEIN if not key.startswith("reward.") and _get(parsed, key) != value]
     assert not wrong, wrong
 
 
@@ -145,5 +147,5 @@ def test_klein_geneval_overlay_trains_on_the_geneval_server(capsys):
         == ("http://127.0.0.1:18085", 64, True)  # {PRECISE} precise_sde/rewards/remote.py and registry.py
     assert parsed["data"]["train_file"].endswith("geneval/train_metadata.jsonl")
     assert parsed["data"]["eval_batch_size"] == 7  # {PRECISE} config/base.py geneval_eval_targets
-    wrong = [key for key, value, _ in KLEIN if key != "reward.weights" and _get(parsed, key) != value]
+    wrong = [key for key, value, _ in KLEIN if not key.startswith("reward.") and _get(parsed, key) != value]
     assert not wrong, wrong

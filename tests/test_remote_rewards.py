@@ -19,6 +19,7 @@ import cli
 from conftest import demo_args, run_dir, scalars
 from precise_lightning.callbacks import RewardScorer
 from precise_lightning.rewards import GenEvalReward, RemoteRewardError, UnifiedReward
+from precise_lightning.rewards.remote import uint8_images
 from precise_lightning.rewards.unified_reward import INSTRUCTION, parse_scores
 from reward_servers import decoded, serving
 
@@ -199,7 +200,8 @@ def test_klein_geneval_recipe_smoke_runs_against_a_fake_server(tmp_path, model_r
 
 
 class SlowDigitReward(torch.nn.Module):
-    """The demo's reward as a server would give it: ``io_bound``, a set wait per call; records its threads."""
+    """The demo's reward as a server would give it: ``io_bound``, scored from uint8 pixels as every remote client
+    does, a set wait per call; records its threads."""
 
     io_bound = True
 
@@ -210,7 +212,8 @@ class SlowDigitReward(torch.nn.Module):
     def forward(self, images, prompts):
         self.threads.add(threading.current_thread().name)
         time.sleep(self.wait_s)
-        return self.inner(images.to(next(self.inner.parameters()).device), prompts)
+        pixels = torch.from_numpy(uint8_images(images)[..., :1].copy()).permute(0, 3, 1, 2)  # grey digits
+        return self.inner(pixels.float() / 255, prompts)
 
 
 def test_overlapped_scoring_gives_the_same_rewards_and_update_as_sequential(tmp_path):

@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
+from precise_lightning.rewards.remote import uint8_images
+
 
 class RewardScorer(Callback):
     """Training reward = weighted sum of reward models, each ``reward(images [B, C, H, W] in [0, 1], prompts) -> [B]``.
@@ -115,8 +117,10 @@ class ScoringRound:
     """One rollout's scoring: :meth:`submit` each micro-batch's images as they are decoded, then :meth:`result`.
 
     Local reward models score a micro-batch at once; I/O-bound ones (``io_bound = True``) in one background thread
-    when the scorer's ``overlap`` is on, on a CPU copy taken here (a copy made in the background would queue behind
-    the next micro-batch's sampling on the GPU). ``inline_seconds``: time the training thread spent scoring.
+    when the scorer's ``overlap`` is on, given the images as uint8 pixels [b, H, W, 3] made here: a GPU copy made
+    there would queue behind the next micro-batch's sampling, and any torch op there starts a second OpenMP team
+    that made the training thread's small ops 3x slower on 2 cores (``benchmarks/overlap.py``). Such a reward
+    must accept those pixels (``rewards.remote.uint8_images``). ``inline_seconds``: time spent scoring here.
     """
 
     def __init__(self, scorer: RewardScorer, prompts: list[str], metadata: list[dict[str, Any]] | None) -> None:
@@ -139,7 +143,8 @@ class ScoringRound:
         now = _score_all(self.inline, images, prompts, metadata)
         later = None
         if self.pool is not None:
-            later = self.pool.submit(_score_all, self.background, images.detach().cpu(), prompts, metadata)
+            pixels = uint8_images(images)  # here: a torch op in a second thread slowed this one 3x on 2 cores
+            later = self.pool.submit(_score_all, self.background, pixels, prompts, metadata)
         self.inline_seconds += time.perf_counter() - start
         self.parts.append((now, later))
 

@@ -18,10 +18,11 @@ import pickle
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from precise_lightning.rewards.remote import HttpPool, finite_or_nan, jpeg_bytes, uint8_images
+from precise_lightning.rewards.remote import HttpPool, device_of, finite_or_nan, jpeg_bytes, uint8_images
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class GenEvalReward(nn.Module):
         self.pool = HttpPool(urls, timeout, retries, backoff, max_in_flight, "GenEvalReward")
         self.batch_size, self.only_strict, self.jpeg_quality = batch_size, only_strict, jpeg_quality
 
-    def forward(self, images: Tensor, prompts: list[str], metadata: Sequence[dict[str, Any]]
+    def forward(self, images: Tensor | np.ndarray, prompts: list[str], metadata: Sequence[dict[str, Any]]
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         missing = [p for p, m in zip(prompts, metadata) if "tag" not in m or "include" not in m]
         if missing:
@@ -79,7 +80,7 @@ class GenEvalReward(nn.Module):
         for batch in self.pool.map(requests):
             for name, values in batch.items():
                 columns[name] += values
-        out = {name: torch.tensor(values, dtype=torch.float32, device=images.device)
+        out = {name: torch.tensor(values, dtype=torch.float32, device=device_of(images))
                for name, values in columns.items()}
         return out.pop("score"), out
 

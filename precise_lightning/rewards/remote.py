@@ -98,8 +98,12 @@ class HttpPool:
             return [future.result() for future in futures]
 
 
-def uint8_images(images: Tensor) -> np.ndarray:
-    """images [B, C, H, W] in [0, 1] -> [B, H, W, 3] uint8 (as the published clients round them)."""
+def uint8_images(images: Tensor | np.ndarray) -> np.ndarray:
+    """images [B, C, H, W] in [0, 1] -> [B, H, W, 3] uint8 (as the published clients round them); a uint8 array
+    [B, H, W, 3] passes as it is (what :class:`~precise_lightning.callbacks.rewards.ScoringRound` hands an
+    ``io_bound`` reward in its background thread: torch ops there would slow the training thread, see there)."""
+    if isinstance(images, np.ndarray):
+        return images
     pixels = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
     return pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu().numpy()
 
@@ -112,6 +116,10 @@ def jpeg_bytes(image: np.ndarray, quality: int, size: int | None = None) -> byte
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def device_of(images: Tensor | np.ndarray) -> torch.device:
+    return images.device if isinstance(images, Tensor) else torch.device("cpu")
 
 
 def finite_or_nan(value: object) -> float:

@@ -12,10 +12,11 @@ import math
 import re
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from precise_lightning.rewards.remote import HttpPool, jpeg_bytes, uint8_images
+from precise_lightning.rewards.remote import HttpPool, device_of, jpeg_bytes, uint8_images
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class UnifiedReward(nn.Module):
         total = sum(weights.values())
         self.weights = {part: weights.get(part, 0.0) / total for part in PARTS}
 
-    def forward(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, images: Tensor | np.ndarray, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         requests = [self._request(jpeg_bytes(image, 95, self.image_size), prompt)
@@ -93,7 +94,7 @@ class UnifiedReward(nn.Module):
                         "are NaN and this iteration's update is skipped", len(failed), len(answers), failed[0][0],
                         failed[0][1][:200])
         parts = {part: torch.tensor([p[part] if p else math.nan for _, _, p in answers], dtype=torch.float32,
-                                    device=images.device) for part in PARTS}
+                                    device=device_of(images)) for part in PARTS}
         score = sum(self.weights[part] * parts[part] for part in PARTS)
         return score, parts
 
