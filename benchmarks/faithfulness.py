@@ -25,7 +25,12 @@ from precise_lightning.sampling import DEFAULT_ETA, LinearGrid, Sampler, SD3Grid
 RADII = (1.0, 2.0)
 POINTS_PER_RING = 12
 COMPONENT_STD = 0.08
-RULES = ["ode", "flow_sde", "dance_sde", "cps", "precise", "dance_precise"]
+# (label, rule, eta, lower_order_final): each rule at its default eta, Precise-2M also at eta = sqrt(2) (diffusers'
+# SDE-DPM-Solver++(2M)) and without its first-order step into the last nonzero time.
+VARIANTS = [(rule, rule, DEFAULT_ETA[rule], True) for rule in
+            ["ode", "flow_sde", "dance_sde", "cps", "precise", "dance_precise", "precise_2m"]]
+VARIANTS += [("precise_2m eta=sqrt2", "precise_2m", math.sqrt(2), True),
+             ("precise_2m, all 2nd order", "precise_2m", DEFAULT_ETA["precise_2m"], False)]
 STEPS = [10, 20, 40, 80, 160]
 
 
@@ -78,26 +83,27 @@ GRIDS: dict[str, TimeGrid] = {"uniform": LinearGrid(), "sd3-shift3": SD3Grid(3.0
 def evaluate(grid: TimeGrid, noise: torch.Tensor, reference: torch.Tensor) -> dict[str, dict[int, list[float]]]:
     """{rule: {N: [outer mass, ring width, sliced W1]}} and the N = 10 samples for the plot."""
     table, finals = {}, {}
-    for rule in RULES:
-        table[rule] = {}
+    for label, rule, eta, lower_order_final in VARIANTS:
+        table[label] = {}
         for n in STEPS:
-            sampler = Sampler(rule, num_steps=n, grid=grid)
+            sampler = Sampler(rule, eta, num_steps=n, grid=grid, lower_order_final=lower_order_final)
             x = sampler.sample(exact_velocity, noise, generator=torch.Generator().manual_seed(n)).latents[-1]
-            table[rule][n] = [fn(x) for _, fn in METRICS] + [sliced_w1(x, reference)]
+            table[label][n] = [fn(x) for _, fn in METRICS] + [sliced_w1(x, reference)]
             if n == STEPS[0]:
-                finals[rule] = x
+                finals[label] = x
     return table, finals
 
 
-def step_std_ratios(rule: str, times: torch.Tensor) -> torch.Tensor:
+def step_std_ratios(rule: str, eta: float, times: torch.Tensor) -> torch.Tensor:
     """[N - 1] std of x_{t'} / t' after one step from the exact marginal N(0, t^2) of point-mass data x0 = 0.
 
     Every rule's mean is affine in x when v = x / t, so the marginal std is sqrt((a t)^2 + std^2), a = d mean / dx.
+    (Precise-2M's extra term vanishes here: x0_hat is 0 at every step, so its row is Precise's.)
     """
     ratios = []
     for t, t_next in zip(times[:-2].tolist(), times[1:-1].tolist()):
         x = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
-        mean, std = transition(rule, x, x / t, t, t_next)
+        mean, std = transition(rule, x, x / t, t, t_next, eta)
         slope = (mean[1] - mean[0]).item()
         ratios.append(math.sqrt((slope * t) ** 2 + float(std.max()) ** 2) / t_next)
     return torch.tensor(ratios)
@@ -108,20 +114,22 @@ def excess_noise_table() -> None:
         print(f"[{name} grid] one-step marginal std / exact t' for point-mass data (1 = faithful): worst / mean "
               "over steps\n| rule | eta | " + " | ".join(f"N={n}" for n in STEPS) + " |")
         print("|---|---|" + "---|" * len(STEPS))
-        for rule in RULES:
+        for label, rule, eta, lower_order_final in VARIANTS:
+            if not lower_order_final:  # one step's spread: the same as with it
+                continue
             cells = []
             for n in STEPS:
-                r = step_std_ratios(rule, Sampler(rule, num_steps=n, grid=grid).timesteps)
+                r = step_std_ratios(rule, eta, Sampler(rule, num_steps=n, grid=grid).timesteps)
                 cells.append(f"{r.max():.3f} / {r.mean():.3f}")
-            print(f"| {rule} | {DEFAULT_ETA[rule]} | " + " | ".join(cells) + " |")
+            print(f"| {label} | {eta:.3g} | " + " | ".join(cells) + " |")
         print()
 
 
 def print_table(title: str, table: dict, col: int) -> None:
     print(f"{title}\n| rule | eta | " + " | ".join(f"N={n}" for n in STEPS) + " |")
     print("|---|---|" + "---|" * len(STEPS))
-    for rule in RULES:
-        print(f"| {rule} | {DEFAULT_ETA[rule]} | " + " | ".join(f"{table[rule][n][col]:.3f}" for n in STEPS) + " |")
+    for label, _, eta, _ in VARIANTS:
+        print(f"| {label} | {eta:.3g} | " + " | ".join(f"{table[label][n][col]:.3f}" for n in STEPS) + " |")
     print()
 
 
@@ -135,7 +143,7 @@ def main() -> None:
     floor = sliced_w1(reference, exact_samples(args.samples, g))
     noise = torch.randn(args.samples, 2, generator=g, dtype=torch.float64)
     start = time.perf_counter()
-    print(f"double ring, {args.samples} samples, exact velocity, eta = each rule's default")
+    print(f"double ring, {args.samples} samples, exact velocity, eta = each rule's default unless shown")
     print(f"exact samples: outer mass {outer_mass(reference):.3f}, ring width {ring_width(reference):.3f}, "
           f"sliced W1 between two exact sets (noise floor) {floor:.3f}\n")
     results = {}
@@ -156,15 +164,15 @@ def plot(results: dict, finals: dict, reference: torch.Tensor, out: Path) -> Non
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(2, 5, figsize=(20, 8))
-    for ax, (name, x) in zip(axes.flat, [("exact", reference)] + list(finals.items())):
+    fig, axes = plt.subplots(2, 6, figsize=(24, 8))
+    for ax, (name, x) in zip(axes.flat, [("exact", reference)] + list(finals.items())[:8]):
         ax.scatter(x[:4000, 0], x[:4000, 1], s=1, alpha=0.4)
         ax.set_title(name if name == "exact" else f"{name}, N={STEPS[0]}, sd3 grid")
         ax.set(aspect="equal", xlim=(-3, 3), ylim=(-3, 3))
     panels = [(g, col, m) for g in results for col, (m, _) in enumerate(METRICS)][:3]
-    for ax, (grid, col, metric) in zip(axes.flat[7:], panels):
-        for rule in RULES:
-            ax.plot(STEPS, [results[grid][rule][n][col] for n in STEPS], marker="o", label=rule)
+    for ax, (grid, col, metric) in zip(axes.flat[9:], panels):
+        for label, *_ in VARIANTS:
+            ax.plot(STEPS, [results[grid][label][n][col] for n in STEPS], marker="o", label=label)
         ax.axhline({0: outer_mass, 1: ring_width}[col](reference), color="k", ls="--", lw=1)
         ax.set(xscale="log", xlabel="steps N", ylabel=metric, title=f"{metric}, {grid} grid")
         ax.legend(fontsize=7)

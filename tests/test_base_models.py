@@ -162,10 +162,13 @@ def test_recipe_trains_two_iterations_and_its_lora_loads_into_a_stock_pipeline(t
 
 @MODELS
 def test_recipe_runs_in_bf16_mixed_with_ratio_exactly_one(tmp_path, model_root, m):
-    """Rollout and re-scoring compute identically under autocast; log-probs stay float32. The reward is the smoke
-    overlay's JPEG compressibility: the recipe with no scorer weights at all."""
+    """Rollout and re-scoring compute identically under autocast; log-probs stay float32. The sampler is Precise-2M
+    (its stored previous x0_hat makes re-scoring exact too); the reward is the smoke overlay's JPEG
+    compressibility: the recipe with no scorer weights at all."""
     run = cli.main(_recipe(m, tmp_path, "--model_root", str(model_root), "--config", "configs/rewards/jpeg.yaml",
+                           "--config", "configs/samplers/precise_2m.yaml",
                            "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "2"), run=False)
+    assert run.model.sampler.rule == "precise_2m"
     run.trainer.fit(run.model, datamodule=run.datamodule)
     metrics = run.trainer.callback_metrics
     assert "train/reward_jpeg_compressibility" in metrics and "eval/hpsv2" not in metrics
@@ -207,6 +210,7 @@ SAMPLER_OVERLAYS = {  # overlay: (rule, eta, ratio_norm, clip_range, stochastic 
     "dance_grpo": ("dance_sde", 0.3, False, 1e-4, list(range(9))),
     "cps": ("cps", 0.7, False, 1e-4, list(range(9))),
     "mixgrpo": ("flow_sde", 0.7, False, 1e-4, [0, 1, 2, 3]),
+    "precise_2m": ("precise_2m", 1.5, True, 4e-6, list(range(9))),
 }
 
 

@@ -71,9 +71,10 @@ def _assert_same(a: dict, b: dict, atol: float) -> None:
         ["--model.std_scope", "global", "--model.drop_zero_advantage", "true",
          "--reward.rewards.digit.class_path", "flat_reward.FlatDigitsReward"],
         ["--model.policy.init_args.lora_rank", "4", "--model.policy.init_args.lora_targets", "[inp, mid1, mid2, out]",
-         "--model.beta", "0.05", "--model.ratio_norm", "true"],  # LoRA on a frozen sharded base, KL, GRPO-Guard
+         "--model.beta", "0.05", "--model.ratio_norm", "true",  # LoRA on a frozen sharded base, KL, GRPO-Guard,
+         "--model.sampler.init_args.rule", "precise_2m"],  # and the multistep rule's stored previous x0_hat
     ],
-    ids=["full-global-std", "lora-kl"],
+    ids=["full-global-std", "lora-kl-2m"],
 )
 def test_one_process_ddp_and_fsdp_give_the_same_update(tmp_path, setting):
     """Same global batch, same per-sample noise: the update does not depend on how the batch is split (float32;

@@ -31,7 +31,8 @@ def test_rescored_rollout_has_ratio_exactly_one(rule):
     times = sampler.timesteps.to(noise.dtype)
     for k, i in enumerate(traj.sde_steps):
         x, x_next = traj.latents[i], traj.latents[i + 1]
-        out = sampler.score(i, x, net(x, times[i]), x_next)
+        d_prev = traj.d_prev[k] if traj.d_prev is not None else None  # multistep rules: the x0_hat it read
+        out = sampler.score(i, x, net(x, times[i]), x_next, d_prev)
         assert torch.equal(out.log_prob, traj.log_probs[:, k])
         assert torch.equal(out.mean, traj.means[k])
         assert torch.equal(torch.exp(out.log_prob - traj.log_probs[:, k]), torch.ones(4))

@@ -59,7 +59,7 @@ def _module(tmp_path, **kwargs) -> GRPOModule:
 
 
 @pytest.mark.parametrize("ratio_norm", [False, True])
-@pytest.mark.parametrize("rule", ["precise", "flow_sde", "cps"])
+@pytest.mark.parametrize("rule", ["precise", "flow_sde", "cps", "precise_2m"])
 def test_ratio_is_exactly_one_at_first_inner_step(tmp_path, rule, ratio_norm):
     module = _module(tmp_path, sampler=Sampler(rule, num_steps=5), micro_batch_size=3, ratio_norm=ratio_norm, beta=0.1)
     prompts = [f"a handwritten digit {i % 10}" for i in range(9)]
@@ -78,8 +78,10 @@ def test_ratio_is_exactly_one_at_first_inner_step(tmp_path, rule, ratio_norm):
             out["loss"].backward()
 
 
-def test_demo_runs_in_bf16_mixed_with_ratio_exactly_one(tmp_path):
-    run = cli.main(demo_args(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "4"), run=False)
+@pytest.mark.parametrize("rule", ["precise", "precise_2m"])
+def test_demo_runs_in_bf16_mixed_with_ratio_exactly_one(tmp_path, rule):
+    run = cli.main(demo_args(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "4",
+                             "--model.sampler.init_args.rule", rule), run=False)
     before = {n: p.detach().clone() for n, p in run.model.policy.named_trainable_parameters()}
     run.trainer.fit(run.model, datamodule=run.datamodule)
     assert run.trainer.callback_metrics["train/ratio_drift_first"] == 0
@@ -223,10 +225,12 @@ def test_train_fraction_picks_a_sorted_random_subset(tmp_path):
 
 
 def test_resume_from_checkpoint_continues_where_it_stopped(tmp_path):
-    first = cli.main(demo_args(tmp_path / "a", "--trainer.max_steps", "4"), run=False)
+    """With Precise-2M: the previous x0_hat lives in the iteration's trajectories, not in the resume state."""
+    rule = ("--model.sampler.init_args.rule", "precise_2m")
+    first = cli.main(demo_args(tmp_path / "a", "--trainer.max_steps", "4", *rule), run=False)
     first.trainer.fit(first.model, datamodule=first.datamodule)
     first.trainer.save_checkpoint(tmp_path / "mid.ckpt")
-    resumed = cli.main(demo_args(tmp_path / "b", "--trainer.max_steps", "10"), run=False)
+    resumed = cli.main(demo_args(tmp_path / "b", "--trainer.max_steps", "10", *rule), run=False)
     ema = next(cb for cb in resumed.trainer.callbacks if isinstance(cb, EMA))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -236,12 +240,16 @@ def test_resume_from_checkpoint_continues_where_it_stopped(tmp_path):
     assert ema.num_updates == 1  # crossed step 8 once after resuming at step 4; none before it
     opt_state = resumed.trainer.optimizers[0].state_dict()["state"]
     assert all(int(s["step"]) == 10 for s in opt_state.values())  # AdamW continued from its 4 restored steps
+    assert resumed.trainer.callback_metrics["train/ratio_drift_first"] == 0
 
 
-def test_sliding_window_moves_between_rollouts_in_fit(tmp_path):
-    run = cli.main(demo_args(tmp_path, "--model.sampler.init_args.sde_window", "[0,3]",
-                         "--model.sampler.init_args.window_shift_every", "1",
-                         "--model.sampler.init_args.window_stride", "3"), run=False)
+@pytest.mark.parametrize("rule", ["precise", "precise_2m"])
+def test_sliding_window_moves_between_rollouts_in_fit(tmp_path, rule):
+    """Precise-2M's first stochastic step after an ODE stretch reads the ODE step's x0_hat: the ratio stays 1."""
+    run = cli.main(demo_args(tmp_path, "--model.sampler.init_args.rule", rule,
+                             "--model.sampler.init_args.sde_window", "[0,3]",
+                             "--model.sampler.init_args.window_shift_every", "1",
+                             "--model.sampler.init_args.window_stride", "3"), run=False)
     trained = []
     update = run.model.update
     run.model.update = lambda trajectories, *a: trained.append(trajectories[0].sde_steps) or update(trajectories, *a)

@@ -412,7 +412,7 @@ class GRPOModule(Evaluation):
             for i in steps:
                 x = traj.latents[i]
                 v = self.policy.velocity(x, torch.tensor(float(times[i]), dtype=x.dtype, device=x.device), cond)
-                means[i] = self.sampler.score(i, x, v, traj.latents[i + 1]).mean
+                means[i] = self.sampler.score(i, x, v, traj.latents[i + 1], _d_prev(traj, i)).mean
         return means
 
     def _step_loss(
@@ -428,7 +428,7 @@ class GRPOModule(Evaluation):
         v = self.policy.velocity(x, t_tensor, cond)
         if v.requires_grad and i in self._v_grad_sq:
             v.register_hook(partial(self._record_v_grad, i))
-        out = self.sampler.score(i, x, v, x_next)
+        out = self.sampler.score(i, x, v, x_next, _d_prev(traj, i))
         old_log_prob = traj.log_probs[:, k]
         if hp.ratio_norm:
             log_ratio = grpo_guard_log_ratio(out.log_prob, old_log_prob, out.mean, traj.means[k], out.std)
@@ -437,7 +437,7 @@ class GRPOModule(Evaluation):
         ppo = ppo_policy_loss(log_ratio, advantages, hp.clip_range)
         loss = ppo.loss
         if hp.ratio_norm:
-            loss = loss / abs(velocity_gain(self.sampler.rule, t, t_next, self.sampler.eta))
+            loss = loss / abs(velocity_gain(self.sampler.rule, t, t_next, self.sampler.eta, self.sampler.previous_time(i)))
         kl = torch.zeros((), device=x.device)
         if hp.beta > 0:
             t_second = float(self.sampler.timesteps[1])
@@ -465,3 +465,8 @@ class GRPOModule(Evaluation):
         yield
         sync()
         self.log(f"time/{name}_s", time.perf_counter() - start, on_step=True)
+
+
+def _d_prev(traj: Trajectory, step: int) -> Tensor | None:
+    """The previous x0_hat a multistep rule's rollout read at ``step`` (None for other rules)."""
+    return None if traj.d_prev is None else traj.d_prev[traj.sde_steps.index(step)]

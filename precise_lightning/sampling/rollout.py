@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from precise_lightning.sampling.rules import RULES, check_rule, gaussian_log_prob, ode
+from precise_lightning.sampling.rules import MULTISTEP, RULES, check_rule, gaussian_log_prob, ode, previous_step
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # (x [B, ...], t 0-d) -> v [B, ...]
 
@@ -57,6 +57,7 @@ class Trajectory:
     log_probs: Tensor  # [B, K] log-prob of each stochastic transition
     stds: Tensor  # [K, ...] std of each stochastic transition
     means: Tensor | None = None  # [K, B, ...] when requested (KL or ratio normalisation needs them)
+    d_prev: Tensor | None = None  # [K, B, ...] multistep rules: the previous step's x0_hat each step read (else 0)
 
 
 def noise_like(x: Tensor, generator: torch.Generator | PerSample | None) -> Tensor:
@@ -106,12 +107,15 @@ def rollout(
     generator: Generators = None,
     keep_means: bool = False,
     reduce: str = "mean",
+    lower_order_final: bool = True,
 ) -> Trajectory:
     """Integrate from ``noise`` (t = 1) along ``timesteps``; steps in ``sde_steps`` use ``rule``, the rest Euler.
 
     ``sde_steps`` defaults to every step but the last, which is always deterministic (x_N = x0_hat) and carries
     no log-prob. ``generator`` is one generator for the whole rollout, a sequence with one per step, or
-    :class:`PerSample` generators, one per batch row.
+    :class:`PerSample` generators, one per batch row. A multistep rule's stochastic steps read the previous
+    step's x0_hat (stochastic or not; see :func:`~precise_lightning.sampling.rules.previous_step`), stored in
+    the trajectory so that re-scoring sees the same transition.
     """
     eta = check_rule(rule, eta)
     n = len(timesteps) - 1
@@ -122,19 +126,26 @@ def rollout(
         raise ValueError(f"got {len(generator)} generators for {n} steps; pass one per step or a single one")
     times = timesteps.to(device=noise.device, dtype=noise.dtype)
     stochastic = set(sde_steps)
-    x, latents, log_probs, stds, means = noise, [noise], [], [], []
+    x, latents, log_probs, stds, means, d_prevs, x0_prev = noise, [noise], [], [], [], [], None
     for i in range(n):
         t, t_next = times[i], times[i + 1]
         v = velocity(x, t)
         if i in stochastic:
-            out = sde_step(rule, x, v, t, t_next, eta, generator=_step_generator(generator, i), reduce=reduce)
-            x = out.x_next
+            j = previous_step(rule, i, timesteps, lower_order_final)
+            context = {"d_prev": x0_prev, "t_prev": times[j]} if j is not None else {}
+            out = sde_step(rule, x, v, t, t_next, eta, generator=_step_generator(generator, i), reduce=reduce,
+                           **context)
             log_probs.append(out.log_prob)
             stds.append(out.std)
             if keep_means:
                 means.append(out.mean)
+            if rule in MULTISTEP:
+                d_prevs.append(x0_prev if j is not None else torch.zeros_like(x))
+            x_new = out.x_next
         else:
-            x = ode(x, v, t, t_next)[0]
+            x_new = ode(x, v, t, t_next)[0]
+        x0_prev = x - t * v
+        x = x_new
         latents.append(x)
     batch = noise.shape[0]
     return Trajectory(
@@ -144,4 +155,5 @@ def rollout(
         log_probs=torch.stack(log_probs, dim=1) if log_probs else noise.new_zeros(batch, 0, dtype=torch.float32),
         stds=torch.stack(stds) if stds else noise.new_zeros(0),
         means=torch.stack(means) if keep_means and means else None,
+        d_prev=torch.stack(d_prevs) if d_prevs else None,
     )

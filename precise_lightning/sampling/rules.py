@@ -73,6 +73,34 @@ def precise(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, eta: float = 1.5) -
     return _renoise(x, v, t, t_next, r.pow(eta**2 / 2))
 
 
+def half_log_snr(t: Tensor) -> Tensor:
+    """lambda(t) = log((1 - t) / t), the half log signal-to-noise ratio of x_t = (1 - t) x0 + t eps."""
+    return torch.log((1 - t) / t)
+
+
+def precise_2m(
+    x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, eta: float = 1.5, d_prev: Tensor | None = None,
+    t_prev: Tensor | float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Precise-2M: Precise's step plus the exact integral of x0_hat taken linear in lambda through the previous
+    step's x0_hat ``d_prev`` (at ``t_prev``); the same std. First order (Precise) without a previous step.
+
+    With h = lambda(t') - lambda(t), k = 1 + eta^2 / 2 and D = x0_hat:
+    mean += (1 - t') (h - (1 - exp(-k h)) / k) (D - d_prev) / (lambda(t) - lambda(t_prev)).
+    At eta = sqrt(2) this is DPM-Solver++(2M) SDE with the Heun form of its second-order term (diffusers'
+    ``sde-dpmsolver++``, ``solver_type="heun"``).
+    """
+    mean, std = precise(x, v, t, t_next, eta)
+    if d_prev is None:
+        return mean, std
+    k = 1 + eta**2 / 2
+    h = half_log_snr(t_next) - half_log_snr(t)
+    h_prev = half_log_snr(t) - half_log_snr(torch.as_tensor(t_prev, dtype=t.dtype, device=t.device))
+    gain = torch.where(t_next > 0, h + torch.expm1(-k * h) / k, torch.zeros_like(h))  # t' = 0: x0_hat exactly
+    x0_hat, _ = posterior_estimates(x, v, t)
+    return mean + (1 - t_next) * gain / h_prev * (x0_hat - d_prev), std
+
+
 def dance_precise(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, eta: float = 0.3) -> tuple[Tensor, Tensor]:
     """Exact frozen-x0_hat solution of DanceGRPO's SDE (g = eta): rho = exp(-eta^2 / 2 (1/t' - 1/t))."""
     if eta == 0:  # avoids 0 * inf at t' = 0
@@ -87,14 +115,17 @@ RULES: dict[str, StepRule] = {
     "dance_sde": dance_sde,
     "cps": cps,
     "precise": precise,
+    "precise_2m": precise_2m,
     "dance_precise": dance_precise,
 }
+MULTISTEP = frozenset({"precise_2m"})  # rules whose step also reads the previous step's x0_hat
 DEFAULT_ETA: dict[str, float] = {
     "ode": 0.0,
     "flow_sde": 0.7,
     "dance_sde": 0.3,
     "cps": 0.7,
     "precise": 1.5,
+    "precise_2m": 1.5,
     "dance_precise": 0.3,
 }
 
@@ -130,10 +161,23 @@ def transition(
     return RULES[rule](x, v, t, t_next, eta, **context)
 
 
-def velocity_gain(rule: str, t: float, t_next: float, eta: float | None = None) -> float:
-    """d mean / d v of one step (every rule's mean is affine in v): GRPO-Guard divides the policy loss by its size."""
+def previous_step(rule: str, i: int, times: Tensor, lower_order_final: bool = True) -> int | None:
+    """The step whose x0_hat a multistep rule's step ``i`` reads: ``i - 1``, or None (first order) on the first
+    step, after a step from t = 1 (its lambda is -inf: nothing to extrapolate from) and, with
+    ``lower_order_final``, on the step into the last nonzero time (as DPM-Solver++ does on short grids)."""
+    n = len(times) - 1
+    if rule not in MULTISTEP or i == 0 or float(times[i - 1]) >= 1 or (lower_order_final and i == n - 2):
+        return None
+    return i - 1
+
+
+def velocity_gain(rule: str, t: float, t_next: float, eta: float | None = None, t_prev: float | None = None) -> float:
+    """d mean / d v of one step (every rule's mean is affine in v; a multistep rule's previous x0_hat, at
+    ``t_prev``, is held fixed): GRPO-Guard divides the policy loss by its size."""
     zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
-    return float(transition(rule, zero, one, t, t_next, eta)[0] - transition(rule, zero, zero, t, t_next, eta)[0])
+    context = {"d_prev": zero, "t_prev": t_prev} if t_prev is not None else {}
+    return float(transition(rule, zero, one, t, t_next, eta, **context)[0]
+                 - transition(rule, zero, zero, t, t_next, eta, **context)[0])
 
 
 def reduce_elements(values: Tensor, reduce: str = "mean") -> Tensor:

@@ -9,14 +9,15 @@ from torch import Tensor
 
 from precise_lightning.sampling.grids import LinearGrid, TimeGrid
 from precise_lightning.sampling.rollout import Generators, StepOutput, Trajectory, Velocity, rollout, sde_step
-from precise_lightning.sampling.rules import check_rule, transition
+from precise_lightning.sampling.rules import MULTISTEP, check_rule, previous_step, transition
 
 
 class Sampler:
     """Stochastic (or ODE) sampler over ``num_steps`` steps of ``grid``.
 
     Args:
-        rule: step rule, one of ``ode``, ``flow_sde``, ``dance_sde``, ``cps``, ``precise``, ``dance_precise``.
+        rule: step rule, one of ``ode``, ``flow_sde``, ``dance_sde``, ``cps``, ``precise``, ``precise_2m``,
+            ``dance_precise``.
         eta: noise level; None takes the rule's default (precise 1.5, flow_sde / cps 0.7, dance 0.3).
         num_steps: number of steps N (network evaluations), at least 2.
         grid: time grid family; None takes the policy's own (SD3: the scheduler's shifted grid; FLUX.2 Klein: its
@@ -29,6 +30,8 @@ class Sampler:
             it would pass the last stochastic step (MixGRPO's FLUX recipe: window 4, every 25, stride 1). None
             keeps the window fixed.
         window_stride: steps the window moves per shift.
+        lower_order_final: multistep rules (``precise_2m``) take a first-order step into the last nonzero time,
+            as DPM-Solver++ does on short grids.
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class Sampler:
         log_prob_reduce: str = "mean",
         window_shift_every: int | None = None,
         window_stride: int = 1,
+        lower_order_final: bool = True,
     ) -> None:
         self.eta = check_rule(rule, eta)
         self.rule = rule
@@ -68,6 +72,7 @@ class Sampler:
                 raise ValueError(f"window_shift_every ({window_shift_every}) and window_stride ({window_stride}) "
                                  "must be >= 1")
         self.window_shift_every, self.window_stride = window_shift_every, window_stride
+        self.lower_order_final = lower_order_final
         self._timesteps: Tensor | None = None
         if grid is not None:
             self.timesteps  # noqa: B018 - validates the grid now, at config parse
@@ -137,12 +142,27 @@ class Sampler:
             generator=generator,
             keep_means=keep_means,
             reduce=self.log_prob_reduce,
+            lower_order_final=self.lower_order_final,
         )
 
-    def score(self, step: int, x: Tensor, v: Tensor, x_next: Tensor) -> StepOutput:
-        """Log-prob (with grad through ``v``) of a stored transition ``x -> x_next`` of step ``step``."""
+    def previous_time(self, step: int) -> float | None:
+        """The time of the previous step whose x0_hat step ``step`` reads (multistep rules), else None."""
+        j = previous_step(self.rule, step, self.timesteps, self.lower_order_final)
+        return None if j is None else float(self.timesteps[j])
+
+    def score(self, step: int, x: Tensor, v: Tensor, x_next: Tensor, d_prev: Tensor | None = None) -> StepOutput:
+        """Log-prob (with grad through ``v``) of a stored transition ``x -> x_next`` of step ``step``; a multistep
+        rule also needs the x0_hat its rollout read there (``Trajectory.d_prev[k]``, held fixed)."""
         times = self.timesteps.to(device=x.device, dtype=x.dtype)
-        return sde_step(self.rule, x, v, times[step], times[step + 1], self.eta, x_next, reduce=self.log_prob_reduce)
+        t_prev = self.previous_time(step)
+        context = {}
+        if t_prev is not None:
+            if d_prev is None:
+                raise ValueError(f"rule {self.rule!r} step {step} reads the previous step's x0_hat: pass the "
+                                 "trajectory's d_prev")
+            context = {"d_prev": d_prev, "t_prev": times.new_tensor(t_prev)}
+        return sde_step(self.rule, x, v, times[step], times[step + 1], self.eta, x_next, reduce=self.log_prob_reduce,
+                        **context)
 
     def __repr__(self) -> str:
         window = f", sde_window={list(self.sde_window)}" if self.sde_window else ""
