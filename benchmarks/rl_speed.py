@@ -4,8 +4,8 @@ reward), as a ratio to that rival, and the area under the curve. Two rewards: th
 weights (``eval/reward``) and the rewards of the run's own training samples (``train/reward``, the sampler's
 noise included). Each run is ``cli.py fit`` on the demo config; runs go in parallel, one thread each.
 
-    python benchmarks/rl_speed.py          # 4 samplers + precise at eta 1.0 / 2.0 and with a sliding window,
-                                           # x 5 seeds x 150 rollouts (about 11 min on 2 cores)
+    python benchmarks/rl_speed.py          # 4 samplers + precise at eta 1.0 / 2.0, with a sliding window, and
+                                           # Precise-2M, x 5 seeds x 150 rollouts (about 13 min on 2 cores)
     python benchmarks/rl_speed.py --full   # the same runs to 300 rollouts
 """
 
@@ -32,6 +32,7 @@ VARIANTS = {
     "precise_eta2.0": ["--model.sampler.init_args.rule", "precise", "--model.sampler.init_args.eta", "2.0"],
     "precise_window": ["--model.sampler.init_args.rule", "precise", "--model.sampler.init_args.sde_window", "[0,4]",
                        "--model.sampler.init_args.window_shift_every", "25"],
+    "precise_2m": ["--model.sampler.init_args.rule", "precise_2m", "--model.sampler.init_args.eta", "1.5"],
 }
 CONFIGS = {**PRECISE, **RIVALS, **VARIANTS}
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from precise_lightning.sampling.grids import LinearGrid, TimeGrid
 from precise_lightning.sampling.rollout import Generators, StepOutput, Trajectory, Velocity, rollout, sde_step
-from precise_lightning.sampling.rules import MULTISTEP, check_rule, previous_step, transition
+from precise_lightning.sampling.rules import check_rule, previous_step, transition
 
 
 class Sampler:
