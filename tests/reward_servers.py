@@ -64,7 +64,7 @@ class FakeServer:
                 with fake.lock:
                     number = len(fake.requests) + 1
                     request = pickle.loads(body) if fake.kind == "geneval" else json.loads(body)
-                    fake.requests.append(request | {"path": self.path})
+                    fake.requests.append(request | {"path": self.path, "auth": self.headers.get("Authorization")})
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                 try:
@@ -77,7 +77,8 @@ class FakeServer:
                 if behaviour == "slow":
                     time.sleep(fake.slow_s)
                 if behaviour in ("500", "404"):
-                    return self._send(int(behaviour), b"Traceback (most recent call last):\nRuntimeError: out of memory")
+                    body = b"Traceback (most recent call last):\nRuntimeError: out of memory"
+                    return self._send(int(behaviour), body)
                 if behaviour == "garbage":
                     return self._send(200, b"<html>not a reply</html>")
                 if fake.kind == "geneval":

@@ -26,8 +26,9 @@ from reward_servers import decoded, serving
 IMAGES = torch.nn.functional.interpolate(  # smooth: their JPEGs stay close to them
     torch.rand(5, 3, 3, 4, generator=torch.Generator().manual_seed(0)), size=(24, 32), mode="bilinear")
 PROMPTS = ["a cat", "two dogs", "a red car", "a cat", "a bench left of a tree"]
+TAGS = ["single_object", "two_object", "colors", "single_object", "position"]
 META = [{"tag": t, "include": [{"class": "x", "count": 1}], "fake_score": s}
-        for t, s in zip(["single_object", "two_object", "colors", "single_object", "position"], [1.0, 0.5, 0.0, 1.0, 0.25])]
+        for t, s in zip(TAGS, [1.0, 0.5, 0.0, 1.0, 0.25])]
 
 
 def _free_port_url() -> str:
@@ -95,9 +96,11 @@ def test_malformed_geneval_reply_gives_nan_and_a_warning_naming_the_url(caplog):
     assert f"unusable reply from {fake.url}" in caplog.text and "update is skipped" in caplog.text
 
 
-def test_judge_sends_the_published_request_and_weighs_the_parsed_parts():
+def test_judge_sends_the_published_request_and_weighs_the_parsed_parts(monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "secret")
     with serving("judge") as fake:
-        scores, parts = UnifiedReward(fake.url + "/v1/", model="UnifiedReward-qwen")(IMAGES[:2], PROMPTS[:2])
+        scores, parts = UnifiedReward(fake.url + "/v1/", model="UnifiedReward-qwen", api_key_env="JUDGE_KEY")(
+            IMAGES[:2], PROMPTS[:2])
         weighted, _ = UnifiedReward(fake.url, weights={"alignment": 2, "style": 1, "coherence": 0})(
             IMAGES[:1], PROMPTS[:1])
     torch.testing.assert_close(scores, torch.full((2,), (0.8 + 1.0 + 0.6) / 3))
@@ -105,7 +108,8 @@ def test_judge_sends_the_published_request_and_weighs_the_parsed_parts():
     torch.testing.assert_close(weighted, torch.tensor([(2 * 0.8 + 0.6) / 3]))
     request = fake.requests[0]
     assert request["path"] == "/v1/chat/completions" and request["model"] == "UnifiedReward-qwen"
-    assert request["temperature"] == 0 and request["max_tokens"] == 256
+    assert request["temperature"] == 0 and request["max_tokens"] == 256 and request["auth"] == "Bearer secret"
+    assert fake.requests[2]["auth"] == "Bearer EMPTY"  # no key configured: as published for a local server
     image_part, text_part = request["messages"][0]["content"]
     assert text_part["text"] == INSTRUCTION.format(prompt="a cat")
     assert text_part["text"].endswith("Text Caption: [a cat]")
@@ -144,6 +148,7 @@ def test_requests_in_flight_are_bounded():
     (lambda: GenEvalReward([]), "http:// or https:// URLs"),
     (lambda: UnifiedReward("http://h", timeout=0), "timeout > 0"),
     (lambda: UnifiedReward("http://h", weights={"beauty": 1}), "weights of \\['alignment'"),
+    (lambda: UnifiedReward("http://h", api_key_env="NO_SUCH_VARIABLE_SET"), "NO_SUCH_VARIABLE_SET is not set"),
 ])
 def test_bad_settings_fail_at_construction(build, message):
     with pytest.raises(ValueError, match=message):

@@ -437,7 +437,8 @@ class GRPOModule(Evaluation):
         ppo = ppo_policy_loss(log_ratio, advantages, hp.clip_range)
         loss = ppo.loss
         if hp.ratio_norm:
-            loss = loss / abs(velocity_gain(self.sampler.rule, t, t_next, self.sampler.eta, self.sampler.previous_time(i)))
+            gain = velocity_gain(self.sampler.rule, t, t_next, self.sampler.eta, self.sampler.previous_time(i))
+            loss = loss / abs(gain)
         kl = torch.zeros((), device=x.device)
         if hp.beta > 0:
             t_second = float(self.sampler.timesteps[1])

@@ -9,6 +9,7 @@ import base64
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping
 
@@ -61,7 +62,9 @@ class UnifiedReward(nn.Module):
             ``backoff * 2**k`` s.
         backoff: first wait between attempts, seconds.
         max_in_flight: requests at once, over all URLs (the published client allows 16 per server).
-        api_key: sent as a bearer token (``EMPTY`` for a local vLLM / sglang server, as published).
+        api_key_env: name of an environment variable holding the server's API key, sent as a bearer token (the
+            key itself stays out of configs and logs); None sends ``EMPTY``, as published for a local vLLM or
+            sglang server.
     """
 
     io_bound = True  # waits on a server: scored in the background while sampling goes on
@@ -69,7 +72,7 @@ class UnifiedReward(nn.Module):
 
     def __init__(self, urls: str | list[str], model: str = "UnifiedReward", weights: dict[str, float] | None = None,
                  image_size: int = 512, max_tokens: int = 256, timeout: float = 300.0, retries: int = 5,
-                 backoff: float = 1.0, max_in_flight: int = 16, api_key: str = "EMPTY") -> None:
+                 backoff: float = 1.0, max_in_flight: int = 16, api_key_env: str | None = None) -> None:
         super().__init__()
         weights = dict.fromkeys(PARTS, 1.0) if weights is None else dict(weights)
         if set(weights) - set(PARTS) or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
@@ -78,7 +81,10 @@ class UnifiedReward(nn.Module):
         urls = [urls] if isinstance(urls, str) else list(urls)
         self.pool = HttpPool([u.rstrip("/").removesuffix("/v1") + "/v1/chat/completions" for u in urls], timeout,
                              retries, backoff, max_in_flight, "UnifiedReward")
-        self.model, self.image_size, self.max_tokens, self.api_key = model, image_size, max_tokens, api_key
+        if api_key_env is not None and not os.environ.get(api_key_env):
+            raise ValueError(f"UnifiedReward.api_key_env: the environment variable {api_key_env} is not set")
+        self.api_key = os.environ[api_key_env] if api_key_env is not None else "EMPTY"
+        self.model, self.image_size, self.max_tokens = model, image_size, max_tokens
         total = sum(weights.values())
         self.weights = {part: weights.get(part, 0.0) / total for part in PARTS}
 
