@@ -82,7 +82,9 @@ def test_one_process_ddp_and_fsdp_give_the_same_update(tmp_path, setting):
     runs = {s: _fit(tmp_path, s, s, "--trainer.max_steps", "2", *setting) for s in STRATEGIES}
     for strategy in ("ddp", "fsdp"):
         _assert_same(runs["single"], runs[strategy], atol=1e-6)
-        assert runs[strategy]["rewards"] == runs["single"]["rewards"]  # identical rollouts
+        # identical rollouts; the logged value is a mean of per-rank means under DDP / FSDP2, so it may differ from
+        # the one-process mean in the last bit (measured: 1 float32 ulp with Precise-2M)
+        assert runs[strategy]["rewards"] == pytest.approx(runs["single"]["rewards"], rel=1e-6, abs=0)
         for key, value in runs["single"]["metrics"].items():  # whole-batch, whole-model values, not a rank's or shard's
             if key.startswith("train/"):
                 assert runs[strategy]["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
