@@ -18,7 +18,7 @@ from PIL import Image
 import cli
 from conftest import demo_args, run_dir, scalars
 from precise_lightning.callbacks import RewardScorer
-from precise_lightning.rewards import GenEvalReward, RemoteRewardError, UnifiedReward
+from precise_lightning.rewards import DigitClassifierReward, GenEvalReward, RemoteRewardError, UnifiedReward
 from precise_lightning.rewards.remote import uint8_images
 from precise_lightning.rewards.unified_reward import INSTRUCTION, parse_scores
 from reward_servers import decoded, serving
@@ -43,8 +43,8 @@ def test_geneval_sends_the_published_request_and_reads_scores_and_per_tag_accura
         scores, details = reward(IMAGES, PROMPTS, META)
     torch.testing.assert_close(scores, torch.tensor([1.0, 0.5, 0.0, 1.0, 0.25]))
     assert len(a.requests) == 2 and len(b.requests) == 1  # 3 batches of <= 2, URLs in turn
-    first = a.requests[0]
-    assert first["only_strict"] is True and [m["prompt"] for m in first["meta_datas"]] == PROMPTS[:2]
+    (first,) = [r for r in a.requests if [m["prompt"] for m in r["meta_datas"]] == PROMPTS[:2]]
+    assert first["only_strict"] is True
     image = decoded(first["images"][0])
     assert image.size == (32, 24) and image.mode == "RGB"
     sent = torch.tensor(np.array(image)).permute(2, 0, 1).float() / 255
@@ -106,7 +106,8 @@ def test_judge_sends_the_published_request_and_weighs_the_parsed_parts(monkeypat
     torch.testing.assert_close(scores, torch.full((2,), (0.8 + 1.0 + 0.6) / 3))
     torch.testing.assert_close(parts["style"], torch.full((2,), 0.6))
     torch.testing.assert_close(weighted, torch.tensor([(2 * 0.8 + 0.6) / 3]))
-    request = fake.requests[0]
+    # the first call's two requests go out together: find the first image's by its caption
+    (request,) = [r for r in fake.requests[:2] if r["messages"][0]["content"][1]["text"].endswith("[a cat]")]
     assert request["path"] == "/v1/chat/completions" and request["model"] == "UnifiedReward-qwen"
     assert request["temperature"] == 0 and request["max_tokens"] == 256 and request["auth"] == "Bearer secret"
     assert fake.requests[2]["auth"] == "Bearer EMPTY"  # no key configured: as published for a local server
@@ -212,10 +213,11 @@ class SlowDigitReward(torch.nn.Module):
 
     def __init__(self, inner: torch.nn.Module, wait_s: float) -> None:
         super().__init__()
-        self.inner, self.wait_s, self.threads = inner, wait_s, set()
+        self.inner, self.wait_s, self.threads, self.calls = inner, wait_s, set(), []
 
     def forward(self, images, prompts):
         self.threads.add(threading.current_thread().name)
+        self.calls.append(len(prompts))
         time.sleep(self.wait_s)
         pixels = torch.from_numpy(uint8_images(images)[..., :1].copy()).permute(0, 3, 1, 2)  # grey digits
         return self.inner(pixels.float() / 255, prompts)
@@ -239,3 +241,17 @@ def test_overlapped_scoring_gives_the_same_rewards_and_update_as_sequential(tmp_
     assert t_off == {"MainThread"} and all(t.startswith("reward") for t in t_on)
     assert r_on == r_off and len(r_on) == 2
     assert all(torch.equal(w_on[n], w_off[n]) for n in w_off)
+
+
+def test_closing_a_round_drops_the_micro_batches_not_yet_scored():
+    """What a rollout that fails midway does: the scoring thread does not go on scoring its earlier micro-batches."""
+    slow = SlowDigitReward(DigitClassifierReward(), wait_s=0.3)
+    scoring = RewardScorer({"digit": slow}).start_round([f"a handwritten digit {i}" for i in range(6)])
+    images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for rows in (slice(0, 2), slice(2, 4), slice(4, 6)):
+        scoring.submit(rows, images[rows])
+    start = time.perf_counter()
+    scoring.close()
+    assert time.perf_counter() - start < 0.2  # does not wait for the request in flight
+    time.sleep(0.5)
+    assert len(slow.calls) <= 1  # at most the first was in flight; the other two were dropped

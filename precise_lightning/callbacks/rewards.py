@@ -148,6 +148,11 @@ class ScoringRound:
         self.inline_seconds += time.perf_counter() - start
         self.parts.append((now, later))
 
+    def close(self) -> None:
+        """Drop micro-batches not yet scored (a request in flight finishes in the background); idempotent."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
     def result(self) -> tuple[Tensor, dict[str, Tensor]]:
         """Total reward [B] and components, as :meth:`RewardScorer.score` returns them for the whole batch."""
         columns: dict[str, list[Tensor]] = {name: [] for name in self.scorer.component_names()}
@@ -159,8 +164,7 @@ class ScoringRound:
                 for name, value in (scores | details).items():
                     columns[name].append(value)
         finally:
-            if self.pool is not None:
-                self.pool.shutdown(cancel_futures=True)
+            self.close()
         components = {name: torch.cat([v.to(self.device) for v in values]) for name, values in columns.items()}
         return self.scorer.combine(components), components
 

@@ -276,13 +276,13 @@ class GRPOModule(Evaluation):
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        scoring = self.scorer.start_round(prompts, batch.get("metadata"))
         try:
             with self._phase("encode"):
                 cond = self.policy.encode(prompts)
             with self._phase("rollout"):  # scoring starts as micro-batches are decoded (RewardScorer.overlap)
                 generator = self._sample_generators(batch["sample_ids"])
                 noise = generator.randn((len(prompts), *self.policy.latent_shape), torch.float32, self.device)
-                scoring = self.scorer.start_round(prompts, batch.get("metadata"))
                 trajectories, images = self.rollout(cond, noise, slices, generator, on_images=scoring.submit)
             with self._phase("reward"):  # what is left of scoring once sampling is done
                 rewards, components = scoring.result()
@@ -298,6 +298,8 @@ class GRPOModule(Evaluation):
             raise torch.OutOfMemoryError(
                 oom_advice(self._current_phase, len(prompts), micro, self.policy.lora_rank, sharded)
             ) from err
+        finally:
+            scoring.close()  # a failed rollout leaves no scoring thread waiting for micro-batches
         self.rollouts += 1
         self.guard.end_iteration()
         log_iteration(self, rewards, components, advantages, flat_groups, stats, time.perf_counter() - start)
