@@ -18,6 +18,7 @@ from PIL import Image
 import cli
 from conftest import demo_args, run_dir, scalars
 from precise_lightning.callbacks import RewardScorer
+from precise_lightning.callbacks.rewards import BACKGROUND_MICRO_BATCHES
 from precise_lightning.rewards import DigitClassifierReward, GenEvalReward, RemoteRewardError, UnifiedReward
 from precise_lightning.rewards.remote import uint8_images
 from precise_lightning.rewards.unified_reward import INSTRUCTION, parse_scores
@@ -138,10 +139,16 @@ def test_unparsable_judge_answer_gives_nan_never_a_sentinel(caplog):
     assert "1 of 2 answers hold no parsable scores" in caplog.text and "'no scores here'" in caplog.text
 
 
-def test_requests_in_flight_are_bounded():
+def test_requests_in_flight_are_bounded_over_concurrent_calls():
+    """Two micro-batches scored at once (two threads) share the reward's bound."""
     with serving("judge", script=lambda n: "slow", slow_s=0.15) as fake:
-        UnifiedReward(fake.url, max_in_flight=2)(IMAGES, PROMPTS)
-    assert len(fake.requests) == 5 and fake.max_in_flight == 2
+        reward = UnifiedReward(fake.url, max_in_flight=2)
+        calls = [threading.Thread(target=reward, args=(IMAGES, PROMPTS)) for _ in range(2)]
+        for call in calls:
+            call.start()
+        for call in calls:
+            call.join()
+    assert len(fake.requests) == 10 and fake.max_in_flight == 2
 
 
 @pytest.mark.parametrize("build,message", [
@@ -244,14 +251,15 @@ def test_overlapped_scoring_gives_the_same_rewards_and_update_as_sequential(tmp_
 
 
 def test_closing_a_round_drops_the_micro_batches_not_yet_scored():
-    """What a rollout that fails midway does: the scoring thread does not go on scoring its earlier micro-batches."""
+    """What a rollout that fails midway does: the scoring threads do not go on with the micro-batches waiting."""
     slow = SlowDigitReward(DigitClassifierReward(), wait_s=0.3)
-    scoring = RewardScorer({"digit": slow}).start_round([f"a handwritten digit {i}" for i in range(6)])
-    images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    for rows in (slice(0, 2), slice(2, 4), slice(4, 6)):
-        scoring.submit(rows, images[rows])
+    n = 2 * BACKGROUND_MICRO_BATCHES
+    scoring = RewardScorer({"digit": slow}).start_round([f"a handwritten digit {i % 10}" for i in range(n)])
+    images = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for i in range(n):
+        scoring.submit(slice(i, i + 1), images[i : i + 1])
     start = time.perf_counter()
     scoring.close()
-    assert time.perf_counter() - start < 0.2  # does not wait for the request in flight
+    assert time.perf_counter() - start < 0.2  # does not wait for the micro-batches in flight
     time.sleep(0.5)
-    assert len(slow.calls) <= 1  # at most the first was in flight; the other two were dropped
+    assert len(slow.calls) <= BACKGROUND_MICRO_BATCHES  # at most those in flight; the rest were dropped

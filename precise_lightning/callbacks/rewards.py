@@ -113,11 +113,14 @@ class RewardScorer(Callback):
         return values | details
 
 
+BACKGROUND_MICRO_BATCHES = 8
+
+
 class ScoringRound:
     """One rollout's scoring: :meth:`submit` each micro-batch's images as they are decoded, then :meth:`result`.
 
-    Local reward models score a micro-batch at once; I/O-bound ones (``io_bound = True``) in one background thread
-    when the scorer's ``overlap`` is on, given the images as uint8 pixels [b, H, W, 3] made here: a GPU copy made
+    Local reward models score a micro-batch at once; I/O-bound ones (``io_bound = True``) in background threads
+    (up to ``BACKGROUND_MICRO_BATCHES`` micro-batches at once) when the scorer's ``overlap`` is on, given the images as uint8 pixels [b, H, W, 3] made here: a GPU copy made
     there would queue behind the next micro-batch's sampling, and any torch op there starts a second OpenMP team
     that made the training thread's small ops 3x slower on 2 cores (``benchmarks/overlap.py``). Such a reward
     must accept those pixels (``rewards.remote.uint8_images``). ``inline_seconds``: time spent scoring here.
@@ -128,7 +131,9 @@ class ScoringRound:
         io_bound = {n for n, m in scorer.rewards.items() if getattr(m, "io_bound", False)} if scorer.overlap else set()
         self.inline = {n: m for n, m in scorer.rewards.items() if n not in io_bound}
         self.background = {n: m for n, m in scorer.rewards.items() if n in io_bound}
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="reward") if self.background else None
+        # Several micro-batches at once: each reward bounds its own requests in flight over all of them.
+        self.pool = ThreadPoolExecutor(BACKGROUND_MICRO_BATCHES, thread_name_prefix="reward") if self.background \
+            else None
         self.parts: list[tuple[tuple[dict[str, Tensor], dict[str, Tensor]], Future | None]] = []
         self.inline_seconds = 0.0
         self.device = torch.device("cpu")

@@ -14,6 +14,7 @@ import http.client
 import io
 import logging
 import math
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,7 +44,8 @@ def _excerpt(body: bytes | str, limit: int = 200) -> str:
 
 
 class HttpPool:
-    """POSTs to one or more equivalent servers with retries and at most ``max_in_flight`` requests at once.
+    """POSTs to one or more equivalent servers with retries and at most ``max_in_flight`` requests at once (over
+    every call, from any thread: several micro-batches may be in flight together).
 
     Proxies from the environment are not used (reward servers sit on the cluster's own network), as in the
     published GenEval client.
@@ -61,6 +63,7 @@ class HttpPool:
                              f"{timeout}, {retries}, {backoff}, {max_in_flight}")
         self.urls, self.timeout, self.retries, self.backoff = urls, timeout, retries, backoff
         self.max_in_flight, self.owner = max_in_flight, owner
+        self._slots = threading.BoundedSemaphore(max_in_flight)  # over all calls at once, whatever their thread
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def post(self, url: str, body: bytes, headers: dict[str, str]) -> bytes:
@@ -72,7 +75,7 @@ class HttpPool:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-                with self._opener.open(request, timeout=self.timeout) as reply:
+                with self._slots, self._opener.open(request, timeout=self.timeout) as reply:
                     return reply.read()
             except urllib.error.HTTPError as err:
                 failure = f"HTTP {err.code}: {_excerpt(err.read())}"
