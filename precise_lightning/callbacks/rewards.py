@@ -113,7 +113,9 @@ class RewardScorer(Callback):
         return values | details
 
 
-BACKGROUND_MICRO_BATCHES = 8
+# Micro-batches scored at once in the background. Measured on 2 CPU cores (README, benchmarks/overlap.py): 2 hid
+# the most; 4 and 8 slowed sampling more (their JPEG and HTTP work competes with it) for no further gain.
+BACKGROUND_MICRO_BATCHES = 2
 
 
 class ScoringRound:
