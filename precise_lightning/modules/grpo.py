@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from functools import partial
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,25 +15,20 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
 
 from precise_lightning.callbacks.preemption import Preemption
 from precise_lightning.callbacks.progress import RolloutProgressBar
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
 from precise_lightning.checkpoint_io import VerifiedCheckpointIO
 from precise_lightning.hub import Dtype
-from precise_lightning.modules.checks import micro_slices, refuse_float16, update_groups, update_plan
+from precise_lightning.modules.checks import micro_slices, refuse_float16
 from precise_lightning.modules.evaluation import Evaluation
 from precise_lightning.modules.guard import NonFiniteGuard, destroy_process_group_at_exit, non_finite_parts, oom_advice
 from precise_lightning.modules.logs import log_iteration
 from precise_lightning.modules.losses import (
     flat_groups,
     group_advantages,
-    grpo_guard_log_ratio,
     KL_FORMS,
-    kl_penalty,
-    ppo_policy_loss,
 )
 from precise_lightning.modules.policy import Policy, slice_cond
 from precise_lightning.modules.run_state import (
@@ -46,16 +39,12 @@ from precise_lightning.modules.run_state import (
     signature_differences,
 )
 from precise_lightning.modules.sharding import data_parallel_mesh, shard_policy
-from precise_lightning.sampling import PerSample, Sampler, Trajectory, velocity_gain
+from precise_lightning.modules.update import PPOUpdate
+from precise_lightning.sampling import PerSample, Sampler, Trajectory
 
 
-# The detached diagnostics of one (micro-batch, trained step), as _step_loss returns them.
-STEP_STATS = (
-    "policy_loss", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "ratio_max_dev",
-)
 
-
-class GRPOModule(Evaluation):
+class GRPOModule(Evaluation, PPOUpdate):
     """One training step = rollout (no grad) -> rewards -> group advantages -> PPO-clipped updates.
 
     Args:
@@ -322,142 +311,6 @@ class GRPOModule(Evaluation):
         self.guard.skip(f"non-finite {', '.join(bad) or 'values on another rank'} in rollout {self.rollouts}")
         return False
 
-    def trained_steps(self, sde_steps: list[int]) -> list[int]:
-        """The stochastic steps trained this iteration: all, or a random subset of ``train_fraction`` of them
-        (the same on every rank: drawn from the rollout's seed)."""
-        k = math.ceil(self.hparams.train_fraction * len(sde_steps))
-        if k == len(sde_steps):
-            return list(sde_steps)
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.rollouts, 1))
-        picked = torch.randperm(len(sde_steps), generator=generator)[:k].sort().values
-        return [sde_steps[i] for i in picked.tolist()]
-
-    def update(
-        self, trajectories: list[Trajectory], cond: Any, slices: list[slice], advantages: Tensor
-    ) -> dict[str, list[Tensor]]:
-        """PPO updates over the stored rollout; backward per (micro-batch, step) to bound memory.
-
-        Diagnostics stay detached tensors (no host sync per backward) and are reduced once when logged. An
-        optimizer step whose gradient norm (of the whole model, under sharding too) is not finite is skipped.
-        """
-        hp = self.hparams
-        opt = self.optimizers()
-        steps = self.trained_steps(trajectories[0].sde_steps)
-        groups = update_groups(len(slices), hp.updates_per_rollout)
-        times = self.sampler.timesteps
-        # Every process logs the same keys in the same order (their reductions are collectives), whatever it ran.
-        stats: dict[str, list[Tensor]] = {k: [] for k in (*STEP_STATS, "ratio_drift_first", "dropped_micro_batches",
-                                                           "grad_norm")}
-        self._v_grad_sq = dict.fromkeys(steps, 0.0)  # per trained step: ||dL/dv||^2, filled by _step_loss's hooks
-        first_update = True
-        live = [bool((advantages[s] != 0).any()) for s in slices] if hp.drop_zero_advantage else None
-        for _ in range(hp.inner_epochs):
-            for group in groups:
-                plan, scale, dropped = update_plan(group, live, len(steps), self.trainer.strategy)
-                stats["dropped_micro_batches"].append(dropped)
-                # Nothing kept (every sample of this update, on every process, has advantage 0): no gradient, but
-                # the optimizer still steps (weights untouched), so max_steps keeps counting rollouts' updates.
-                last = (plan[-1][0], steps[-1]) if plan else None
-                for m, weight in plan:
-                    traj, cond_m, adv = trajectories[m], slice_cond(cond, slices[m]), advantages[slices[m]]
-                    ref_means = self._reference_means(traj, cond_m, steps) if hp.beta > 0 else {}
-                    for i in steps:
-                        out = self._step_loss(traj, cond_m, adv, i, float(times[i]), float(times[i + 1]),
-                                              ref_means.get(i))
-                        with self._grad_sync((m, i) == last):
-                            self.manual_backward(out.pop("loss") * (scale * weight))
-                        if not weight:  # a stand-in that keeps collectives in step: no diagnostics
-                            continue
-                        for key, value in out.items():
-                            stats[key].append(value)
-                        if first_update:
-                            stats["ratio_drift_first"].append(out["ratio_max_dev"])
-                norm = self._clip_gradients()
-                stats["grad_norm"].append(norm)
-                if torch.isfinite(norm):
-                    opt.step()
-                else:
-                    self.guard.skip(f"non-finite gradient norm in rollout {self.rollouts}")
-                opt.zero_grad(set_to_none=True)
-                first_update = first_update and not plan  # the ratio is 1 until weights first move
-        # Each trained step's share of the signal the loss sends into the network (the gradient w.r.t. the velocity):
-        # a step whose |d mean / d v| / std dwarfs the others' shows here as a share near 1 (see the README).
-        sq = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device)
-                          for v in self._v_grad_sq.values()])
-        norms = self.trainer.strategy.reduce(sq, reduce_op="sum").sqrt()  # the whole batch's, over all ranks
-        for i, share in zip(self._v_grad_sq, norms / norms.sum().clamp_min(1e-30)):
-            stats[f"step_share/step_{i:02d}"] = [share]
-        return stats
-
-    def _record_v_grad(self, step: int, grad: Tensor) -> None:
-        self._v_grad_sq[step] = self._v_grad_sq[step] + grad.detach().float().pow(2).sum()
-
-    def _clip_gradients(self) -> Tensor:
-        """Total gradient norm of the trainable weights (of the whole model: sharded norms are combined), clipped
-        to ``max_grad_norm``."""
-        params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
-        limit = self.hparams.max_grad_norm if self.hparams.max_grad_norm is not None else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, limit)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
-
-    def _grad_sync(self, sync: bool) -> Any:
-        """All-reduce gradients only on an accumulation group's last backward (Lightning syncs every manual one)."""
-        model = self.trainer.model
-        return model.no_sync() if not sync and isinstance(model, DistributedDataParallel) else nullcontext()
-
-    @torch.no_grad()
-    def _reference_means(self, traj: Trajectory, cond: Any, steps: list[int]) -> dict[int, Tensor]:
-        """The reference model's transition means [b, ...] at ``steps`` of one micro-batch, in one switch to it."""
-        times = self.sampler.timesteps
-        means = {}
-        with self.policy.reference():
-            for i in steps:
-                x = traj.latents[i]
-                v = self.policy.velocity(x, torch.tensor(float(times[i]), dtype=x.dtype, device=x.device), cond)
-                means[i] = self.sampler.score(i, x, v, traj.latents[i + 1], _d_prev(traj, i)).mean
-        return means
-
-    def _step_loss(
-        self, traj: Trajectory, cond: Any, advantages: Tensor, i: int, t: float, t_next: float,
-        mean_ref: Tensor | None = None,
-    ) -> dict[str, Any]:
-        """Loss (with graph) and detached diagnostics of stochastic step ``i`` for one micro-batch; ``mean_ref``
-        is the reference model's mean there (needed when ``beta > 0``)."""
-        hp = self.hparams
-        k = traj.sde_steps.index(i)
-        x, x_next = traj.latents[i], traj.latents[i + 1]
-        t_tensor = torch.tensor(t, dtype=x.dtype, device=x.device)
-        v = self.policy.velocity(x, t_tensor, cond)
-        if v.requires_grad and i in self._v_grad_sq:
-            v.register_hook(partial(self._record_v_grad, i))
-        out = self.sampler.score(i, x, v, x_next, _d_prev(traj, i))
-        old_log_prob = traj.log_probs[:, k]
-        if hp.ratio_norm:
-            log_ratio = grpo_guard_log_ratio(out.log_prob, old_log_prob, out.mean, traj.means[k], out.std)
-        else:
-            log_ratio = out.log_prob - old_log_prob
-        ppo = ppo_policy_loss(log_ratio, advantages, hp.clip_range)
-        loss = ppo.loss
-        if hp.ratio_norm:
-            gain = velocity_gain(self.sampler.rule, t, t_next, self.sampler.eta, self.sampler.previous_time(i))
-            loss = loss / abs(gain)
-        kl = torch.zeros((), device=x.device)
-        if hp.beta > 0:
-            t_second = float(self.sampler.timesteps[1])
-            kl = kl_penalty(out.mean, mean_ref, out.std, hp.kl_form, t, t_second, self.sampler.eta).mean()
-            loss = loss + hp.beta * kl
-        return {
-            "loss": loss,
-            "policy_loss": ppo.loss.detach(),
-            "kl": kl.detach(),
-            "clip_fraction": ppo.clip_fraction,
-            "approx_kl": ppo.approx_kl,
-            "ratio_mean": ppo.ratio.mean(),
-            "ratio_min": ppo.ratio.min(),
-            "ratio_max": ppo.ratio.max(),
-            "ratio_max_dev": (ppo.ratio - 1).abs().max(),
-        }
-
     # ---- timing -----------------------------------------------------------------------------------------------
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -468,8 +321,3 @@ class GRPOModule(Evaluation):
         yield
         sync()
         self.log(f"time/{name}_s", time.perf_counter() - start, on_step=True)
-
-
-def _d_prev(traj: Trajectory, step: int) -> Tensor | None:
-    """The previous x0_hat a multistep rule's rollout read at ``step`` (None for other rules)."""
-    return None if traj.d_prev is None else traj.d_prev[traj.sde_steps.index(step)]
