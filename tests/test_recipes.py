@@ -143,8 +143,9 @@ def test_klein_geneval_overlay_trains_on_the_geneval_server(capsys):
     assert list(reward["rewards"]) == ["geneval"] and reward["normalize"] is True and reward["metrics"] == {}
     geneval = reward["rewards"]["geneval"]
     assert geneval["class_path"] == "precise_lightning.rewards.GenEvalReward"
-    assert (geneval["init_args"]["urls"], geneval["init_args"]["batch_size"], geneval["init_args"]["only_strict"]) \
-        == ("http://127.0.0.1:18085", 64, True)  # {PRECISE} precise_sde/rewards/remote.py and registry.py
+    args = geneval["init_args"]
+    assert (args["urls"], args["batch_size"], args["only_strict"], args["eval_only_strict"]) \
+        == ("http://127.0.0.1:18085", 64, True, False)  # {PRECISE} rewards/remote.py, registry.py, rl_trainer.py eval
     assert parsed["data"]["train_file"].endswith("geneval/train_metadata.jsonl")
     assert parsed["data"]["eval_batch_size"] == 7  # {PRECISE} config/base.py geneval_eval_targets
     wrong = [key for key, value, _ in KLEIN if not key.startswith("reward.") and _get(parsed, key) != value]

@@ -209,7 +209,9 @@ def test_klein_geneval_recipe_smoke_runs_against_a_fake_server(tmp_path, model_r
     for tag in ["train/reward_geneval", "train/reward_geneval/strict_accuracy", "eval/reward_geneval",
                 "eval/reward_geneval/position_strict_accuracy"]:
         assert tag in logged and all(math.isfinite(v) for v in logged[tag]), tag
-    assert "train/reward_geneval/accuracy" not in logged  # only_strict: the server does not compute it
+    assert "train/reward_geneval/accuracy" not in logged  # only_strict on rollouts: the server does not compute it
+    assert "eval/reward_geneval/accuracy" in logged  # evaluation asks for GenEval's own accuracy, as published
+    assert {r["only_strict"] for r in fake.requests} == {True, False}
 
 
 class SlowDigitReward(torch.nn.Module):

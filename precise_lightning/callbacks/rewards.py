@@ -78,18 +78,22 @@ class RewardScorer(Callback):
         """What :meth:`evaluate` returns per image: each held-out metric, then each metric's details."""
         return [*self.metrics, *_detail_names(self.metrics)]
 
-    def start_round(self, prompts: list[str], metadata: list[dict[str, Any]] | None = None) -> ScoringRound:
+    def start_round(
+        self, prompts: list[str], metadata: list[dict[str, Any]] | None = None, evaluating: bool = False
+    ) -> ScoringRound:
         """Scoring of one rollout's images, handed over micro-batch by micro-batch (see ``overlap``)."""
-        return ScoringRound(self, prompts, metadata)
+        return ScoringRound(self, prompts, metadata, evaluating)
 
     @torch.no_grad()
     def score(
-        self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None = None
+        self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None = None,
+        evaluating: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total reward [B] (float32) and, per image, each component's raw value and each component's details
         (``<name>/<detail>``, NaN where a detail does not apply). ``metadata`` (a JSONL prompt file's other
-        fields, one dict per image) reaches the rewards whose class sets ``wants_metadata = True``."""
-        scoring = self.start_round(prompts, metadata)
+        fields, one dict per image) reaches the rewards whose class sets ``wants_metadata = True``; ``evaluating``
+        (evaluation images, not rollouts) those that set ``wants_evaluating = True``."""
+        scoring = self.start_round(prompts, metadata, evaluating)
         scoring.submit(slice(0, len(prompts)), images)
         return scoring.result()
 
@@ -109,7 +113,7 @@ class RewardScorer(Callback):
         self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None = None
     ) -> dict[str, Tensor]:
         """Each held-out metric [B] (float32) and its details."""
-        values, details = _score_all(self.metrics, images, prompts, metadata)
+        values, details = _score_all(self.metrics, images, prompts, metadata, evaluating=True)
         return values | details
 
 
@@ -128,8 +132,10 @@ class ScoringRound:
     must accept those pixels (``rewards.remote.uint8_images``). ``inline_seconds``: time spent scoring here.
     """
 
-    def __init__(self, scorer: RewardScorer, prompts: list[str], metadata: list[dict[str, Any]] | None) -> None:
-        self.scorer, self.prompts, self.metadata = scorer, prompts, metadata
+    def __init__(
+        self, scorer: RewardScorer, prompts: list[str], metadata: list[dict[str, Any]] | None, evaluating: bool
+    ) -> None:
+        self.scorer, self.prompts, self.metadata, self.evaluating = scorer, prompts, metadata, evaluating
         io_bound = {n for n, m in scorer.rewards.items() if getattr(m, "io_bound", False)} if scorer.overlap else set()
         self.inline = {n: m for n, m in scorer.rewards.items() if n not in io_bound}
         self.background = {n: m for n, m in scorer.rewards.items() if n in io_bound}
@@ -147,11 +153,11 @@ class ScoringRound:
         metadata = self.metadata[rows] if self.metadata is not None else None
         self.device = images.device
         start = time.perf_counter()
-        now = _score_all(self.inline, images, prompts, metadata)
+        now = _score_all(self.inline, images, prompts, metadata, self.evaluating)
         later = None
         if self.pool is not None:
             pixels = uint8_images(images)  # here: a torch op in a second thread slowed this one 3x on 2 cores
-            later = self.pool.submit(_score_all, self.background, pixels, prompts, metadata)
+            later = self.pool.submit(_score_all, self.background, pixels, prompts, metadata, self.evaluating)
         self.inline_seconds += time.perf_counter() - start
         self.parts.append((now, later))
 
@@ -181,26 +187,30 @@ def _detail_names(models: dict[str, nn.Module]) -> list[str]:
 
 
 def _score_all(
-    models: dict[str, nn.Module], images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None
+    models: dict[str, nn.Module], images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None,
+    evaluating: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Each model's scores [B] and the details of those that declare ``detail_names`` (``<name>/<detail>``)."""
     scores, details = {}, {}
     for name, model in models.items():
-        scores[name], own = _call(name, model, images, prompts, metadata)
+        scores[name], own = _call(name, model, images, prompts, metadata, evaluating)
         details |= {f"{name}/{detail}": value for detail, value in own.items()}
     return scores, details
 
 
 def _call(
-    name: str, model: nn.Module, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None
+    name: str, model: nn.Module, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None,
+    evaluating: bool,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One reward model's scores [B] (float32) and details; its failure is reported with the reward's name and the
     prompts. A model with ``detail_names`` returns ``(scores, {detail: [B]})``, exactly those details."""
+    kwargs: dict[str, Any] = {}
+    if getattr(model, "wants_metadata", False):
+        kwargs["metadata"] = metadata or [{} for _ in prompts]
+    if getattr(model, "wants_evaluating", False):
+        kwargs["evaluating"] = evaluating
     try:
-        if getattr(model, "wants_metadata", False):
-            out = model(images, prompts, metadata=metadata or [{} for _ in prompts])
-        else:
-            out = model(images, prompts)
+        out = model(images, prompts, **kwargs)
     except torch.OutOfMemoryError:
         raise
     except Exception as err:

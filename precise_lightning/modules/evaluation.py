@@ -55,7 +55,7 @@ class Evaluation(LightningModule):
             with torch.no_grad():
                 traj = sampler.sample(lambda x, t: self.policy.velocity(x, t, cond), noise, generator=generator)
                 images = self.policy.decode(traj.latents[-1])
-            rewards, components = self.scorer.score(images, prompts, metadata)
+            rewards, components = self.scorer.score(images, prompts, metadata, evaluating=True)
             values = {"reward": rewards} | {f"reward_{n}": v for n, v in components.items()}
             for name, value in (values | self.scorer.evaluate(images, prompts, metadata)).items():
                 self.eval_means[_key(f"{prefix}/{name}")].update(value)

@@ -37,8 +37,10 @@ class GenEvalReward(nn.Module):
     Args:
         urls: the server(s) (``http://host:18085``); several equivalent servers share the batches in turn.
         batch_size: images per request (the published client sends 64).
-        only_strict: the server skips GenEval's non-strict check (``accuracy`` is then not logged); the published
-            training calls set it.
+        only_strict: on rollouts the server skips GenEval's non-strict check (``accuracy`` is then not logged),
+            as the published training calls do.
+        eval_only_strict: the same on evaluation images; the published evaluation asks for both (false), so
+            ``eval/reward_<name>/accuracy`` is GenEval's own score.
         timeout: seconds to wait for one reply (published: 120).
         retries: further attempts after a connection error, timeout, 429 or 5xx, waiting ``backoff * 2**k`` s
             (the published client retries 1000 times; a dead server should stop a run sooner).
@@ -48,12 +50,13 @@ class GenEvalReward(nn.Module):
     """
 
     wants_metadata = True
+    wants_evaluating = True
     io_bound = True  # waits on a server: scored in the background while sampling goes on
     detail_names = ("strict_accuracy", "accuracy", *(f"{t}_strict_accuracy" for t in TAGS),
                     *(f"{t}_accuracy" for t in TAGS))
 
     def __init__(self, urls: str | list[str] = "http://127.0.0.1:18085", batch_size: int = 64,
-                 only_strict: bool = True, timeout: float = 120.0, retries: int = 5, backoff: float = 1.0,
+                 only_strict: bool = True, eval_only_strict: bool = False, timeout: float = 120.0, retries: int = 5, backoff: float = 1.0,
                  max_in_flight: int = 1, jpeg_quality: int = 75) -> None:
         super().__init__()
         if batch_size < 1 or not 1 <= jpeg_quality <= 95:
@@ -61,20 +64,23 @@ class GenEvalReward(nn.Module):
                              f"{jpeg_quality}")
         self.pool = HttpPool(urls, timeout, retries, backoff, max_in_flight, "GenEvalReward")
         self.batch_size, self.only_strict, self.jpeg_quality = batch_size, only_strict, jpeg_quality
+        self.eval_only_strict = eval_only_strict
 
-    def forward(self, images: Tensor | np.ndarray, prompts: list[str], metadata: Sequence[dict[str, Any]]
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, images: Tensor | np.ndarray, prompts: list[str], metadata: Sequence[dict[str, Any]],
+                evaluating: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         missing = [p for p, m in zip(prompts, metadata) if "tag" not in m or "include" not in m]
         if missing:
             raise ValueError(
                 f"GenEvalReward needs GenEval metadata (tag, include, ...) for every prompt; {len(missing)} have "
                 f"none, e.g. {missing[0]!r}: train on GenEval's .jsonl prompt files (see the README)"
             )
+        only_strict = self.eval_only_strict if evaluating else self.only_strict
         pixels = uint8_images(images)
         starts = range(0, len(prompts), self.batch_size)
         requests = [self._request([jpeg_bytes(i, self.jpeg_quality) for i in pixels[s : s + self.batch_size]],
                                   [{**m, "prompt": p} for m, p in zip(metadata[s : s + self.batch_size],
-                                                                      prompts[s : s + self.batch_size])])
+                                                                      prompts[s : s + self.batch_size])],
+                                  only_strict)
                     for s in starts]
         columns: dict[str, list[float]] = {name: [] for name in ("score", *self.detail_names)}
         for batch in self.pool.map(requests):
@@ -84,24 +90,24 @@ class GenEvalReward(nn.Module):
                for name, values in columns.items()}
         return out.pop("score"), out
 
-    def _request(self, jpegs: list[bytes], metadata: list[dict[str, Any]]):
-        body = pickle.dumps({"images": jpegs, "meta_datas": metadata, "only_strict": self.only_strict})
+    def _request(self, jpegs: list[bytes], metadata: list[dict[str, Any]], only_strict: bool):
+        body = pickle.dumps({"images": jpegs, "meta_datas": metadata, "only_strict": only_strict})
 
         def send(url: str) -> dict[str, list[float]]:
             reply = self.pool.post(url, body, {"Content-Type": "application/octet-stream"})
-            return self._parse(url, reply, len(jpegs))
+            return self._parse(url, reply, len(jpegs), only_strict)
 
         return send
 
-    def _parse(self, url: str, reply: bytes, n: int) -> dict[str, list[float]]:
+    def _parse(self, url: str, reply: bytes, n: int, only_strict: bool) -> dict[str, list[float]]:
         """The reply's columns as floats; a reply without usable scores gives NaN everywhere, with a warning."""
         try:
             data = pickle.loads(reply)  # noqa: S301  (only from servers the user configured; see the module doc)
             scores = [finite_or_nan(v) for v in data["scores"]]
             strict = [finite_or_nan(v) for v in data["strict_rewards"]]
-            correct = [math.nan if self.only_strict else finite_or_nan(v) for v in data["rewards"]]
+            correct = [math.nan if only_strict else finite_or_nan(v) for v in data["rewards"]]
             per_tag = {f"{t}_strict_accuracy": _tag_values(data["group_strict_rewards"], t, n) for t in TAGS}
-            per_tag |= {f"{t}_accuracy": [math.nan] * n if self.only_strict else
+            per_tag |= {f"{t}_accuracy": [math.nan] * n if only_strict else
                         _tag_values(data["group_rewards"], t, n) for t in TAGS}
             if not (len(scores) == len(strict) == len(correct) == n):
                 raise ValueError(f"{len(scores)} scores for {n} images")
