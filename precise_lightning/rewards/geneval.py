@@ -56,8 +56,8 @@ class GenEvalReward(nn.Module):
                     *(f"{t}_accuracy" for t in TAGS))
 
     def __init__(self, urls: str | list[str] = "http://127.0.0.1:18085", batch_size: int = 64,
-                 only_strict: bool = True, eval_only_strict: bool = False, timeout: float = 120.0, retries: int = 5, backoff: float = 1.0,
-                 max_in_flight: int = 1, jpeg_quality: int = 75) -> None:
+                 only_strict: bool = True, eval_only_strict: bool = False, timeout: float = 120.0, retries: int = 5,
+                 backoff: float = 1.0, max_in_flight: int = 1, jpeg_quality: int = 75) -> None:
         super().__init__()
         if batch_size < 1 or not 1 <= jpeg_quality <= 95:
             raise ValueError(f"GenEvalReward: need batch_size >= 1 and jpeg_quality in [1, 95], got {batch_size}, "
