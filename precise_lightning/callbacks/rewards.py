@@ -126,10 +126,11 @@ class ScoringRound:
     """One rollout's scoring: :meth:`submit` each micro-batch's images as they are decoded, then :meth:`result`.
 
     Local reward models score a micro-batch at once; I/O-bound ones (``io_bound = True``) in background threads
-    (up to ``BACKGROUND_MICRO_BATCHES`` micro-batches at once) when the scorer's ``overlap`` is on, given the images as uint8 pixels [b, H, W, 3] made here: a GPU copy made
-    there would queue behind the next micro-batch's sampling, and any torch op there starts a second OpenMP team
-    that made the training thread's small ops 3x slower on 2 cores (``benchmarks/overlap.py``). Such a reward
-    must accept those pixels (``rewards.remote.uint8_images``). ``inline_seconds``: time spent scoring here.
+    (up to ``BACKGROUND_MICRO_BATCHES`` micro-batches at once) when the scorer's ``overlap`` is on, given the
+    images as uint8 pixels [b, H, W, 3] made here: a GPU copy made there would queue behind the next micro-batch's
+    sampling, and any torch op there starts a second OpenMP team that made the training thread's small ops 3x
+    slower on 2 cores (``benchmarks/overlap.py``). Such a reward must accept those pixels
+    (``rewards.remote.uint8_images``). ``inline_seconds``: time spent scoring here.
     """
 
     def __init__(
