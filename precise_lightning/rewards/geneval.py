@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from precise_lightning.rewards.remote import HttpPool, device_of, finite_or_nan, jpeg_bytes, uint8_images
+from precise_lightning.rewards.jpeg import jpeg_bytes
+from precise_lightning.rewards.remote import HttpPool, device_of, finite_or_nan, uint8_images
 
 log = logging.getLogger(__name__)
 

@@ -10,17 +10,26 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from precise_lightning.rewards.preprocess import to_uint8
+
+
+def jpeg_bytes(image: np.ndarray, quality: int, size: int | None = None) -> bytes:
+    """One [H, W, 3] (or grey [H, W]) uint8 image as JPEG, resized to ``size`` x ``size`` first (PIL's default
+    filter) if given."""
+    picture = Image.fromarray(image)
+    if size is not None:
+        picture = picture.resize((size, size))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
 
 def jpeg_kilobytes(images: Tensor, quality: int = 95) -> Tensor:
     """Size in kB (1000 bytes) of each image [B, C, H, W] in [0, 1] (C = 1 or 3), rounded to uint8 and saved as JPEG
     with PIL at ``quality`` -> [B] float32 on the images' device."""
-    pixels = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()  # [B, C, H, W]
-    sizes = []
-    for image in pixels:
-        array = image[0] if image.shape[0] == 1 else np.ascontiguousarray(image.transpose(1, 2, 0))
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
-        sizes.append(buffer.tell() / 1000)
+    pixels = to_uint8(images).cpu().numpy()  # [B, C, H, W]
+    arrays = [image[0] if image.shape[0] == 1 else np.ascontiguousarray(image.transpose(1, 2, 0)) for image in pixels]
+    sizes = [len(jpeg_bytes(array, quality)) / 1000 for array in arrays]
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 

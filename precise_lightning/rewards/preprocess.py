@@ -14,6 +14,12 @@ _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": Interpolatio
 _PIL_RESAMPLE = {3: "bicubic", 2: "bilinear"}  # PIL's codes, as transformers' image processors store them
 
 
+def to_uint8(images: Tensor) -> Tensor:
+    """images [B, C, H, W] in [0, 1] -> uint8, rounded as the published reward code rounds them (it hands PIL
+    images to its scorers)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 class ClipPreprocess(nn.Module):
     """images [B, C, H, W] in [0, 1] (C = 1 or 3) -> normalised pixels [B, 3, crop, crop] float32.
 
@@ -71,7 +77,7 @@ class ClipPreprocess(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must be [B, 1 or 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
-        x = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        x = to_uint8(images)
         x = x.expand(-1, 3, -1, -1)  # grey -> RGB, as the processors' convert("RGB") does
         x = F.resize(x, [self.size], interpolation=self.interpolation, antialias=True)
         h, w = x.shape[-2:]

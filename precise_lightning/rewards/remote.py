@@ -11,7 +11,6 @@ the iteration's rewards are then not finite and the update is skipped through th
 from __future__ import annotations
 
 import http.client
-import io
 import logging
 import math
 import threading
@@ -24,8 +23,9 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
+
+from precise_lightning.rewards.preprocess import to_uint8
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,18 +107,7 @@ def uint8_images(images: Tensor | np.ndarray) -> np.ndarray:
     ``io_bound`` reward in its background thread: torch ops there would slow the training thread, see there)."""
     if isinstance(images, np.ndarray):
         return images
-    pixels = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
-    return pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def jpeg_bytes(image: np.ndarray, quality: int, size: int | None = None) -> bytes:
-    """One [H, W, 3] uint8 image as JPEG, resized to ``size`` x ``size`` first (PIL's default filter) if given."""
-    picture = Image.fromarray(image)
-    if size is not None:
-        picture = picture.resize((size, size))
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+    return to_uint8(images).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def device_of(images: Tensor | np.ndarray) -> torch.device:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from precise_lightning.rewards.remote import HttpPool, device_of, jpeg_bytes, uint8_images
+from precise_lightning.rewards.jpeg import jpeg_bytes
+from precise_lightning.rewards.remote import HttpPool, device_of, uint8_images
 
 log = logging.getLogger(__name__)
 
