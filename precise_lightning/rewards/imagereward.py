@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor, nn
 from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
@@ -23,7 +24,6 @@ from precise_lightning.rewards.preprocess import ClipPreprocess
 REPO, CHECKPOINT, MED_CONFIG = "THUDM/ImageReward", "ImageReward.pt", "med_config.json"
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # ImageReward.py: rewards = (rewards - mean) / std
 MAX_TOKENS = 35  # ImageReward.py pads and truncates prompts to 35 tokens
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _UNUSED = ("blip.vision_proj.", "blip.text_proj.")  # BLIP's contrastive projections: in the file, not in the score
 _VIT = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
         "patch_embed.proj": "embeddings.patch_embedding", "norm1": "layer_norm1", "norm2": "layer_norm2",
@@ -116,7 +116,8 @@ class ImageReward(nn.Module):
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, tokenizer, "ImageReward tokenizer",
                                          "tokenizer")
         size = self.vision.config.image_size
-        self.preprocess = ClipPreprocess(size, size, CLIP_MEAN, CLIP_STD, "bicubic", crop_offset="round")
+        self.preprocess = ClipPreprocess(size, size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, "bicubic",
+                                         crop_offset="round")  # the package's transform: OpenAI CLIP's
 
     def _tokens(self, prompts: list[str]) -> dict[str, Tensor]:
         counted = self.tokenizer(prompts, truncation=True, max_length=MAX_TOKENS + 1)["input_ids"]

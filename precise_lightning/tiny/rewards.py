@@ -110,6 +110,7 @@ def imagereward_shapes(size: Size, text_layers: int | None = None) -> tuple[dict
     encoder, the contrastive projections, the MLP) and its ``med_config.json`` (as published, or tiny)."""
     from transformers import BlipTextModel
 
+    from precise_lightning.rewards.aesthetic import aesthetic_mlp
     from precise_lightning.rewards.imagereward import text_config
 
     width, depth, patch, image = (1024, 24, 16, 224) if size == "real" else (64, 2, 16, 32)
@@ -134,12 +135,12 @@ def imagereward_shapes(size: Size, text_layers: int | None = None) -> tuple[dict
             shapes[f"blip.visual_encoder.blocks.{i}.{name}.bias"] = shape[:1]
     shapes |= {"blip.visual_encoder.norm.weight": (width,), "blip.visual_encoder.norm.bias": (width,)}
     text = BlipTextModel(text_config(med, width), add_pooling_layer=False)
-    shapes |= {f"blip.text_encoder.{k}": tuple(v.shape) for k, v in text.state_dict().items() if "position_ids" not in k}
+    shapes |= {f"blip.text_encoder.{k}": tuple(v.shape) for k, v in text.state_dict().items()
+               if "position_ids" not in k}
     hidden = med["hidden_size"]
     shapes |= {"blip.vision_proj.weight": (256, width), "blip.vision_proj.bias": (256,),
                "blip.text_proj.weight": (256, hidden), "blip.text_proj.bias": (256,)}
-    for i, (fan_in, out) in zip([0, 2, 4, 6, 7], [(hidden, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]):
-        shapes |= {f"mlp.layers.{i}.weight": (out, fan_in), f"mlp.layers.{i}.bias": (out,)}
+    shapes |= {f"mlp.{k}": tuple(v.shape) for k, v in aesthetic_mlp(hidden).state_dict().items()}  # same layout
     return shapes, med
 
 
