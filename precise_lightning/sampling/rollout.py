@@ -144,7 +144,8 @@ def rollout(
             x_new = out.x_next
         else:
             x_new = ode(x, v, t, t_next)[0]
-        x0_prev = x - t * v
+        if rule in MULTISTEP:
+            x0_prev = x - t * v
         x = x_new
         latents.append(x)
     batch = noise.shape[0]
