@@ -32,10 +32,9 @@ class Evaluation(LightningModule):
     def make_eval_means(self, scorer: RewardScorer) -> nn.ModuleDict:
         """One MeanMetric per logged evaluation tag: each reading's reward, reward components and held-out metrics."""
         names = ["reward", *(f"reward_{n}" for n in scorer.component_names()), *scorer.metric_names()]
-        tags = [f"{prefix}/{name}" for prefix in self._eval_prefixes() for name in names]
         # A reward's details are NaN where they do not apply (another GenEval tag): left out of their mean.
-        return nn.ModuleDict({_key(tag): MeanMetric(nan_strategy="ignore" if "/" in name else "warn")
-                              for tag, name in zip(tags, names * len(self._eval_prefixes()))})
+        return nn.ModuleDict({_key(f"{prefix}/{name}"): MeanMetric(nan_strategy="ignore" if "/" in name else "warn")
+                              for prefix in self._eval_prefixes() for name in names})
 
     def _eval_prefixes(self) -> dict[str, Sampler]:
         """Each evaluation reading's tag prefix and sampler: ``eval`` first (the one the grid shows), then extras."""
