@@ -64,8 +64,8 @@ class GRPOCLI(LightningCLI):
                 import_object(sampler.class_path)(**init).check_trainable()
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    return GRPOCLI(
+def main(args: list[str] | None = None, run: bool = True, cli_class: type[GRPOCLI] = GRPOCLI) -> LightningCLI:
+    return cli_class(
         GRPOModule,
         PromptDataModule,
         args=args,

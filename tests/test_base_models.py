@@ -286,3 +286,21 @@ def test_sd35_recipe_adapts_exactly_flow_grpo_s_modules(model_root):
     assert len(ours) == 15 and not [n for n in ours if ".attn2." in n]
     bare = adapted([name.removeprefix("attn.") for name in recipe["lora_targets"]])
     assert sorted(n for n in bare if ".attn2." not in n) == sorted(ours) and len(bare) == 19  # + attn2 q, k, v, out
+
+
+@MODELS
+def test_text_encoders_off_the_gpu_encode_the_same_and_wait_in_host_memory(model_root, m):
+    """``offload_text_encoders``: the encoders are on the policy's device while they encode, in host memory after."""
+    torch.manual_seed(0)
+    kept = m.policy(resolution=TINY_RESOLUTION, guidance_scale=m.guidance)
+    torch.manual_seed(0)
+    offloaded = m.policy(resolution=TINY_RESOLUTION, guidance_scale=m.guidance, offload_text_encoders=True)
+    seen = []
+    encode_prompts = offloaded.encode_prompts
+    offloaded.encode_prompts = lambda prompts: seen.append(
+        {next(e.parameters()).device for e in offloaded.text_encoders}) or encode_prompts(prompts)
+    expected, got = kept.encode(PROMPTS), offloaded.encode(PROMPTS)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert seen and all(devices == {offloaded.device} for devices in seen)
+    assert all(next(e.parameters()).device.type == "cpu" for e in offloaded.text_encoders)
+    assert len(offloaded.text_encoders) == (3 if m is SD35 else 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 
 from precise_lightning.modules.pipeline_policy import PipelinePolicy, denoiser_dtype
 from precise_lightning.sampling import Flux2Grid
+from precise_lightning.tiny.models import flux2_klein_pipeline
 
 
 class Flux2KleinPolicy(PipelinePolicy):
@@ -20,6 +22,7 @@ class Flux2KleinPolicy(PipelinePolicy):
     """
 
     pipeline_class = Flux2KleinPipeline
+    random_pipeline = staticmethod(partial(flux2_klein_pipeline, "real"))
     frozen = ("text_encoder", "vae")
 
     def __init__(self, model: str = "black-forest-labs/FLUX.2-klein-base-4B", **kwargs: Any) -> None:

@@ -3,6 +3,9 @@ resolution check, a cached negative prompt and classifier-free guidance around t
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,10 +38,15 @@ class PipelinePolicy(Policy):
         text_dtype: dtype of the frozen text encoders (default bfloat16 on GPU machines, float32 on CPU).
         vae_dtype: dtype of the frozen VAE (the published trainers decode in float32).
         gradient_checkpointing: recompute transformer activations in the backward pass (less memory, slower).
+        offload_text_encoders: keep the frozen text encoders in host memory and move them to the GPU only while
+            prompts are encoded (T5-XXL alone is 9.5 GB in bfloat16); the embeddings are the same.
+        random_weights: build the published architecture with random weights instead of loading ``model`` (no
+            download): for memory and speed checks at real size (``benchmarks/gpu_check.py``), never for training.
         lora_rank, lora_alpha, lora_targets: see :class:`Policy` (0 = full fine-tuning of the transformer).
     """
 
     frozen: tuple[str, ...]
+    random_pipeline: Callable[[], Any]  # the published architecture, random weights (``random_weights``)
     shard_blocks = ("transformer_blocks", "single_transformer_blocks")
 
     def __init__(
@@ -53,6 +61,8 @@ class PipelinePolicy(Policy):
         text_dtype: Dtype | None = None,
         vae_dtype: Dtype = "float32",
         gradient_checkpointing: bool = False,
+        offload_text_encoders: bool = False,
+        random_weights: bool = False,
         lora_rank: int = 0,
         lora_alpha: float | None = None,
         lora_targets: list[str] | None = None,
@@ -65,9 +75,12 @@ class PipelinePolicy(Policy):
         name = self.pipeline_class.__name__
         # Frozen parts load straight into their dtype (T5-XXL never passes through float32 in host memory).
         dtypes = {c: frozen_dtype(vae_dtype if c == "vae" else text_dtype) for c in self.frozen}
-        pipe = load_pretrained(self.pipeline_class.from_pretrained, model, f"{name} weights",
-                               "model.policy.init_args.model", revision=revision,
-                               dtype=dtypes | {"default": torch.float32})
+        if random_weights:
+            pipe = random_pipeline(self.random_pipeline, dtypes)
+        else:
+            pipe = load_pretrained(self.pipeline_class.from_pretrained, model, f"{name} weights",
+                                   "model.policy.init_args.model", revision=revision,
+                                   dtype=dtypes | {"default": torch.float32})
         self.latent_shape = self.latent_shape_for(pipe, resolution)
         for component in self.frozen:  # registered here so that Lightning moves them with the policy
             setattr(self, component, getattr(pipe, component).eval().requires_grad_(False))
@@ -75,6 +88,7 @@ class PipelinePolicy(Policy):
         self.model = model
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
         self.detach_uncond, self.max_sequence_length = detach_uncond, max_sequence_length
+        self.offload_text_encoders = offload_text_encoders
         self._negative: dict[str, Tensor] | None = None
         if gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
@@ -103,9 +117,31 @@ class PipelinePolicy(Policy):
         """The transformer's velocity at latents x [B, ...] and times t [B] in [0, 1], as the pipeline calls it."""
         raise NotImplementedError
 
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [getattr(self, c) for c in self.frozen if c.startswith("text_encoder")]
+
+    @contextmanager
+    def text_encoders_on_device(self) -> Iterator[None]:
+        """With ``offload_text_encoders``, the text encoders on the policy's device only inside this context."""
+        if not self.offload_text_encoders:
+            yield
+            return
+        for encoder in self.text_encoders:
+            encoder.to(self.device)
+        try:
+            yield
+        finally:
+            for encoder in self.text_encoders:
+                encoder.to("cpu")
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:
         """The prompts' encoding and, with guidance, the negative prompt's (computed once per device) as ``neg_*``."""
+        with self.text_encoders_on_device():
+            return self._encode(prompts)
+
+    def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         cond = self.encode_prompts(prompts)
         if self.guidance_scale > 1:
             if self._negative is None or next(iter(self._negative.values())).device != self.device:
@@ -127,3 +163,20 @@ class PipelinePolicy(Policy):
 
 def denoiser_dtype(net: nn.Module) -> torch.dtype:
     return next(net.parameters()).dtype
+
+
+def random_pipeline(build: Callable[[], Any], dtypes: dict[str, torch.dtype]) -> Any:
+    """``build()`` with the same random weights on every process, initialised on this process's GPU when there is
+    one (a CPU initialises T5-XXL's 4.8B weights slowly) or on the meta device when that is the default (plans),
+    with the frozen components in their dtypes."""
+    device = torch.get_default_device()
+    if device.type != "meta":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(0)
+        pipe = build()
+    for component, dtype in dtypes.items():
+        module = getattr(pipe, component)
+        if next(module.parameters()).dtype != dtype:  # diffusers warns on every .to(dtype) of its models
+            module.to(dtype)
+    return pipe

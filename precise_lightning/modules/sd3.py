@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 
 from precise_lightning.modules.pipeline_policy import PipelinePolicy, denoiser_dtype
 from precise_lightning.sampling import SD3Grid
+from precise_lightning.tiny.models import sd35_pipeline
 
 
 class SD3Policy(PipelinePolicy):
@@ -20,6 +22,7 @@ class SD3Policy(PipelinePolicy):
     """
 
     pipeline_class = StableDiffusion3Pipeline
+    random_pipeline = staticmethod(partial(sd35_pipeline, "real"))
     frozen = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 
     def __init__(self, model: str = "stabilityai/stable-diffusion-3.5-medium", **kwargs: Any) -> None:

@@ -5,7 +5,9 @@ pipeline reads, the FLUX.2 VAE with batch-norm latent statistics)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from diffusers import (
     AutoencoderKL,
@@ -23,18 +25,31 @@ from precise_lightning.tiny.tokenizers import clip_tokenizer, qwen3_tokenizer, t
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 FLUX2_KLEIN = "black-forest-labs/FLUX.2-klein-base-4B"
+PUBLISHED = Path(__file__).parent / "published"
+# The tiny VAE keeps the published scaling, shift and (absent) quant convs, so decoding is tested with them.
+SD35_VAE = {k: v for k, v in json.loads((PUBLISHED / "stable-diffusion-3.5-medium.json").read_text())["vae"].items()
+            if k in ("in_channels", "out_channels", "scaling_factor", "shift_factor", "use_quant_conv",
+                     "use_post_quant_conv")}
 TINY_RESOLUTION = 32  # pixels; the tiny VAE halves it once, the transformer's 2x2 patches halve it again
 
 
-def _clip_text(hidden: int, mlp: int, layers: int, heads: int, act: str) -> CLIPTextModelWithProjection:
-    return CLIPTextModelWithProjection(CLIPTextConfig(
-        hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
-        projection_dim=hidden, vocab_size=49408, max_position_embeddings=77, hidden_act=act,
-    ))
+def _clip_text(**config: Any) -> CLIPTextModelWithProjection:
+    return CLIPTextModelWithProjection(CLIPTextConfig(**config))
 
 
-def _depth(layers: int, depth: int | None) -> int:
-    return layers if depth is None else min(layers, depth)
+def _tiny_clip_text(hidden: int, act: str) -> CLIPTextModelWithProjection:
+    return _clip_text(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                      projection_dim=hidden, vocab_size=49408, max_position_embeddings=77, hidden_act=act)
+
+
+def published(hub_id: str) -> dict[str, dict[str, Any]]:
+    """The published architecture of each component of ``hub_id`` (``published/<name>.json``, with its source)."""
+    return json.loads((PUBLISHED / f"{hub_id.split('/')[-1]}.json").read_text())
+
+
+def _capped(config: dict[str, Any], key: str, depth: int | None, floor: int = 0) -> dict[str, Any]:
+    """``{key: config[key]}`` capped at ``depth`` layers (never below ``floor``)."""
+    return {key: config[key] if depth is None else max(floor, min(config[key], depth))}
 
 
 def sd35_pipeline(size: Size = "tiny", depth: int | None = None) -> StableDiffusion3Pipeline:
@@ -43,7 +58,7 @@ def sd35_pipeline(size: Size = "tiny", depth: int | None = None) -> StableDiffus
     transformer, T5-XXL), ``depth`` caps every layer stack (for machines where the full depth does not fit)."""
     tokenizer_3 = t5_tokenizer()
     if size == "tiny":
-        clip_l, clip_g = _clip_text(16, 32, 2, 2, "quick_gelu"), _clip_text(16, 32, 2, 2, "gelu")
+        clip_l, clip_g = _tiny_clip_text(16, "quick_gelu"), _tiny_clip_text(16, "gelu")
         t5 = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, vocab_size=len(tokenizer_3))
         transformer = dict(sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4, num_layers=2,
                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
@@ -51,24 +66,20 @@ def sd35_pipeline(size: Size = "tiny", depth: int | None = None) -> StableDiffus
         vae = dict(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
                    sample_size=TINY_RESOLUTION)
     else:
-        clip_l = _clip_text(768, 3072, _depth(12, depth), 12, "quick_gelu")
-        clip_g = _clip_text(1280, 5120, _depth(32, depth), 20, "gelu")
-        t5 = T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=_depth(24, depth),
-                      feed_forward_proj="gated-gelu", vocab_size=32128)
-        layers = _depth(24, depth)
-        transformer = dict(sample_size=128, in_channels=16, out_channels=16, num_layers=layers, attention_head_dim=64,
-                           num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                           pooled_projection_dim=2048, pos_embed_max_size=384,
-                           dual_attention_layers=tuple(range(min(13, layers))))
-        vae = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
-                   sample_size=1024)
+        real = published(SD35_MEDIUM)
+        clip_l = _clip_text(**real["text_encoder"] | _capped(real["text_encoder"], "num_hidden_layers", depth))
+        clip_g = _clip_text(**real["text_encoder_2"] | _capped(real["text_encoder_2"], "num_hidden_layers", depth))
+        t5 = T5Config(**real["text_encoder_3"] | _capped(real["text_encoder_3"], "num_layers", depth))
+        transformer = real["transformer"] | _capped(real["transformer"], "num_layers", depth)
+        transformer["dual_attention_layers"] = tuple(i for i in transformer["dual_attention_layers"]
+                                                     if i < transformer["num_layers"])
+        vae = dict(real["vae"])
     blocks = len(vae["block_out_channels"])
     return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(patch_size=2, qk_norm="rms_norm", **transformer),
+        transformer=SD3Transformer2DModel(**{"patch_size": 2, "qk_norm": "rms_norm"} | transformer),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
-                          up_block_types=("UpDecoderBlock2D",) * blocks, scaling_factor=1.5305, shift_factor=0.0609,
-                          use_quant_conv=False, use_post_quant_conv=False, **vae),
+        vae=AutoencoderKL(**SD35_VAE | vae, down_block_types=("DownEncoderBlock2D",) * blocks,
+                          up_block_types=("UpDecoderBlock2D",) * blocks),
         text_encoder=clip_l, tokenizer=clip_tokenizer(), text_encoder_2=clip_g, tokenizer_2=clip_tokenizer(pad_token="!"),
         text_encoder_3=T5EncoderModel(t5), tokenizer_3=tokenizer_3,
     )
@@ -89,13 +100,11 @@ def flux2_klein_pipeline(size: Size = "tiny", depth: int | None = None) -> Flux2
         vae = dict(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
                    sample_size=TINY_RESOLUTION)
     else:
-        qwen = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=max(28, _depth(36, depth)),
-                    num_attention_heads=32, num_key_value_heads=8, head_dim=128)
-        transformer = dict(in_channels=128, num_layers=_depth(5, depth), num_single_layers=_depth(20, depth),
-                           attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3 * 2560,
-                           timestep_guidance_channels=256, axes_dims_rope=(32, 32, 32, 32))
-        vae = dict(latent_channels=32, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
-                   sample_size=1024)
+        real = published(FLUX2_KLEIN)
+        qwen = real["text_encoder"] | _capped(real["text_encoder"], "num_hidden_layers", depth, floor=28)
+        transformer = real["transformer"] | _capped(real["transformer"], "num_layers", depth) \
+            | _capped(real["transformer"], "num_single_layers", depth)
+        vae = dict(real["vae"])
     blocks = len(vae["block_out_channels"])
     vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * blocks,
                              up_block_types=("UpDecoderBlock2D",) * blocks, **vae)
@@ -107,9 +116,9 @@ def flux2_klein_pipeline(size: Size = "tiny", depth: int | None = None) -> Flux2
             base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
         ),
         vae=vae,
-        text_encoder=Qwen3ForCausalLM(Qwen3Config(max_position_embeddings=1024, tie_word_embeddings=True, **qwen)),
+        text_encoder=Qwen3ForCausalLM(Qwen3Config(**{"max_position_embeddings": 1024, "tie_word_embeddings": True} | qwen)),
         tokenizer=tokenizer,
-        transformer=Flux2Transformer2DModel(patch_size=1, guidance_embeds=False, **transformer),
+        transformer=Flux2Transformer2DModel(**{"patch_size": 1, "guidance_embeds": False} | transformer),
         is_distilled=False,
     )
 

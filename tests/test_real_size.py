@@ -1,0 +1,125 @@
+"""The recipes' models at their published sizes, on the meta device (no memory, no download): parameter counts
+against the published weights' sizes, the recipes' LoRA counts against a hand count, FSDP2 shard units, frozen parts
+without gradients or optimizer state, and the plan command on a tiny recipe."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT
+from precise_lightning.plan import build_policy, parse, plan
+from precise_lightning.plan.rewards import PUBLISHED
+from precise_lightning.rewards import CLIPScore, PickScore
+from precise_lightning.tiny.models import flux2_klein_pipeline, sd35_pipeline
+
+# Published figures: each component's weights file(s) as listed in the hub repository (decimal GB, 3 significant
+# figures; bfloat16 / float16: 2 bytes a value). The file holds the state dict: parameters and persistent buffers
+# (SD3's 384 x 384 position embedding is a buffer).
+SD35_FILES_GB = {"transformer": 4.94, "text_encoder": 0.247, "text_encoder_2": 1.39,
+                 "text_encoder_3": 4.99 + 4.53, "vae": 0.168}  # stabilityai/stable-diffusion-3.5-medium
+KLEIN_FILES_GB = {"transformer": 7.75, "text_encoder": 4.97 + 3.08, "vae": 0.168}  # black-forest-labs/FLUX.2-klein-*-4B
+# The exact counts of our builds, pinned so that a change to the published configs in the repo shows.
+SD35_PARAMETERS = {"transformer": 2_243_171_520, "text_encoder": 123_650_304, "text_encoder_2": 694_659_840,
+                   "text_encoder_3": 4_762_310_656, "vae": 83_819_683}
+KLEIN_PARAMETERS = {"transformer": 3_875_544_576, "text_encoder": 4_022_468_096, "vae": 84_046_115}
+
+
+def _stored_values(module: nn.Module) -> int:
+    """Values a weights file holds: the state dict (parameters and persistent buffers), a tied tensor once."""
+    return sum({id(t): t.numel() for t in module.state_dict(keep_vars=True).values()}.values())
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    with torch.device("meta"):
+        return {"sd35": sd35_pipeline("real"), "klein": flux2_klein_pipeline("real")}
+
+
+@pytest.mark.parametrize("name, files, counts", [("sd35", SD35_FILES_GB, SD35_PARAMETERS),
+                                                 ("klein", KLEIN_FILES_GB, KLEIN_PARAMETERS)])
+def test_real_size_models_match_the_published_weights(pipelines, name, files, counts):
+    pipe = pipelines[name]
+    for component, gb in files.items():
+        module = getattr(pipe, component)
+        # the listed sizes are rounded to 3 significant figures: within 0.5% (the shards' sum, twice that)
+        assert 2 * _stored_values(module) / 1e9 == pytest.approx(gb, rel=0.005), component
+        assert sum(p.numel() for p in module.parameters()) == counts[component], component
+
+
+def test_real_size_reward_models_match_the_hub_figures():
+    """The hub's model pages: PickScore_v1 (OpenCLIP ViT-H/14) 986M parameters, CLIP ViT-L/14 428M."""
+    with torch.device("meta"):
+        assert round(PUBLISHED[PickScore]() / 1e6) == 986
+        assert round(PUBLISHED[CLIPScore]() / 1e6) == 428
+
+
+def _lora_by_hand_sd35(r: int = 32, d: int = 1536, blocks: int = 24) -> int:
+    # 8 square projections a block (q, k, v, out and their context twins); the last block (context_pre_only)
+    # has no to_add_out
+    return r * 2 * d * (8 * blocks - 1)
+
+
+def _lora_by_hand_klein(r: int = 16, d: int = 3072, mlp: int = 9216, double: int = 5, single: int = 20) -> int:
+    square = 8 * r * 2 * d  # the double block's attention: q, k, v, out and their context twins
+    ff = 2 * (r * (d + 2 * mlp) + r * (mlp + d))  # SwiGLU in (to 2 x mlp) and out, for image and context streams
+    fused = r * (d + 3 * d + 2 * mlp)  # the single block's fused QKV + MLP input projection
+    return double * (square + ff) + single * fused
+
+
+@pytest.fixture(scope="module")
+def recipes():
+    return {name: build_policy(parse(["--config", f"configs/{name}.yaml"]))
+            for name in ("sd35_precise", "flux2_klein_precise")}
+
+
+@pytest.mark.parametrize("name, by_hand, blocks", [("sd35_precise", _lora_by_hand_sd35(), 24),
+                                                   ("flux2_klein_precise", _lora_by_hand_klein(), 5 + 20)])
+def test_recipe_lora_counts_shard_units_and_frozen_parts_at_real_size(recipes, name, by_hand, blocks):
+    policy = recipes[name]
+    assert policy.device.type == "meta"
+    trainable = dict(policy.named_trainable_parameters())
+    assert sum(p.numel() for p in trainable.values()) == by_hand
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    units = policy.shard_units(policy.denoiser)
+    assert len(units) == blocks and all("Block" in type(u).__name__ for u in units)
+    for component in policy.frozen:  # text encoders and VAE: no gradient, so no optimizer state
+        assert not any(p.requires_grad for p in getattr(policy, component).parameters()), component
+    assert policy.reference_denoiser is None  # LoRA: the reference is the base with adapters off, no copy
+    optimizer = torch.optim.AdamW(policy.trainable_parameters())
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == by_hand
+
+
+def test_text_encoder_dtype_in_a_plan_is_the_gpu_default(recipes):
+    assert next(recipes["sd35_precise"].text_encoder_3.parameters()).dtype == torch.bfloat16
+    assert next(recipes["sd35_precise"].vae.parameters()).dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_plan_of_a_tiny_recipe_as_json(model_root):
+    out = subprocess.run(
+        [sys.executable, "-m", "precise_lightning.plan", "--config", "configs/sd35_precise.yaml", "--config",
+         "configs/tiny_cpu.yaml", "--model_root", str(model_root), "--devices", "1", "--gpu-memory-gb", "1", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["fits"] is True and 0 < result["peak_gb"] < 1
+    assert result["trainable_parameters"] == sum(v for k, v in result["parameters"].items() if k == "lora")
+    assert {"denoiser weights (frozen base)", "LoRA adapters", "text_encoder_3", "vae", "reward: pickscore",
+            "gradients (float32)", "optimizer state (AdamW, 2 x float32)"} <= set(result["components"])
+    assert result["advice"] == []
+    assert result["peak_gb"] >= sum(result["components"].values())
+
+
+def test_plan_says_what_to_change_when_it_does_not_fit_and_what_offloading_saves(model_root):
+    args = ["--config", "configs/sd35_precise.yaml", "--config", "configs/tiny_cpu.yaml", "--model_root", str(model_root)]
+    result = plan(args, 1, 0.02)
+    assert not result["fits"] and result["advice"]
+    offloaded = plan([*args, "--model.policy.init_args.offload_text_encoders", "true"], 1, 0.02)
+    text = sum(result["components"][c] for c in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+    assert not {"text_encoder", "text_encoder_2", "text_encoder_3"} & set(offloaded["components"])
+    assert sum(offloaded["components"].values()) == pytest.approx(sum(result["components"].values()) - text, abs=2e-3)
