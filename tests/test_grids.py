@@ -14,6 +14,7 @@ from precise_lightning.sampling import (
     flux2_empirical_mu,
     shifted_linspace,
 )
+from precise_lightning.sampling.grids import flux2_timesteps
 
 
 @pytest.mark.parametrize("num_steps", [2, 10, 20, 40])
@@ -42,6 +43,15 @@ def test_flux2_grid_equals_pipeline(num_steps, image_seq_len):
     retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=sigmas, mu=mu)
     assert flux2_empirical_mu(image_seq_len, num_steps) == mu
     torch.testing.assert_close(Flux2Grid(image_seq_len)(num_steps).float(), scheduler.sigmas, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_steps", [10, 20, 30])
+def test_flux2_grid_starts_at_exactly_one_at_every_size(num_steps):
+    """The sampler refuses a grid that does not start at 1; at 1024 tokens (512 px) torch's scalar / tensor division
+    once gave 1 - 1e-16, so the Klein recipe could not start (found by the real-size plan)."""
+    starts = [float(flux2_timesteps(num_steps, n)[0]) for n in range(1, 4097)]
+    assert all(start == 1.0 for start in starts)
+    assert Sampler("precise", num_steps=num_steps, grid=Flux2Grid(1024)).timesteps[0] == 1
 
 
 def test_shifted_linspace():

@@ -123,3 +123,14 @@ def test_plan_says_what_to_change_when_it_does_not_fit_and_what_offloading_saves
     text = sum(result["components"][c] for c in ("text_encoder", "text_encoder_2", "text_encoder_3"))
     assert not {"text_encoder", "text_encoder_2", "text_encoder_3"} & set(offloaded["components"])
     assert sum(offloaded["components"].values()) == pytest.approx(sum(result["components"].values()) - text, abs=2e-3)
+
+
+@pytest.mark.slow
+def test_gpu_acceptance_script_runs_on_the_cpu_with_tiny_models(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["recipes"]
+    assert {r["recipe"] for r in rows} == {"sd35", "flux2_klein"}
+    assert all(r["ratio_drift_first"] == 0 and r["update_s"] > 0 and r["plan_peak_gb"] > 0 for r in rows)

@@ -78,7 +78,7 @@ def build_policy(recipe: Recipe) -> Policy:
         return cls(**init)
     if init.get("text_dtype") is None:
         init["text_dtype"] = "bfloat16"  # the GPU default (frozen_dtype)
-    if not Path(resolve(init["model"])).expanduser().exists():
+    if init.get("random_weights") or not Path(resolve(init["model"])).expanduser().exists():
         init["random_weights"] = True
         with torch.device("meta"):
             return cls(**init)

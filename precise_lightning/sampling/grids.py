@@ -59,7 +59,10 @@ def flux2_timesteps(num_steps: int, image_seq_len: int) -> Tensor:
         raise ValueError(f"image_seq_len must be >= 1 (latent tokens per image), got {image_seq_len}")
     mu = flux2_empirical_mu(image_seq_len, num_steps)
     t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
-    sigmas = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    # elementwise division, as diffusers' numpy does: torch's scalar / tensor multiplies by a reciprocal, which left
+    # the first time at 1 - 1e-16 (at 1024 tokens, the Klein recipe's 512 px) and the sampler refused the grid
+    shift = torch.full_like(t, math.exp(mu))
+    sigmas = shift / (shift + (1 / t - 1))
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
