@@ -115,6 +115,7 @@ def test_plan_of_a_tiny_recipe_as_json(model_root):
     assert result["peak_gb"] >= sum(result["components"].values())
 
 
+@pytest.mark.slow
 def test_plan_says_what_to_change_when_it_does_not_fit_and_what_offloading_saves(model_root):
     args = ["--config", "configs/sd35_precise.yaml", "--config", "configs/tiny_cpu.yaml", "--model_root", str(model_root)]
     result = plan(args, 1, 0.02)

@@ -18,6 +18,7 @@ parser.add_argument("--tflops", type=float, default=400.0,
                     help="sustained bf16 TFLOP/s of one GPU that the rough time assumes (about 40%% of an H100's peak)")
 parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 args, overrides = parser.parse_known_args()
+sys.argv = sys.argv[:1]  # the overrides reach the trainer's parser as its args, not again through argv
 if args.devices < 1 or args.gpu_memory_gb <= 0 or args.tflops <= 0:
     parser.error("--devices, --gpu-memory-gb and --tflops must be positive")
 config_args = [a for path in args.config for a in ("--config", path)] + overrides
