@@ -8,7 +8,8 @@ LightningCLI: ``fit`` / ``validate`` / ``test``, stacked ``--config`` files, dot
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any, Optional, TypeVar
 
 from jsonargparse.typing import import_object
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -19,6 +20,8 @@ from precise_lightning.hub import set_model_root
 from precise_lightning.modules import GRPOModule
 from precise_lightning.modules.checks import micro_slices, refuse_float16
 from precise_lightning.run_dirs import place_run
+
+T = TypeVar("T")
 
 
 class _Parser(LightningArgumentParser):
@@ -78,11 +81,16 @@ def main(args: list[str] | None = None, run: bool = True, cli_class: type[GRPOCL
 
 
 def run(args: list[str] | None = None) -> None:
-    """``python cli.py``: :func:`main`, with the errors a user is to fix (raised by this package's own checks: bad
-    config values, files, checkpoints) printed as their message alone, once, with exit status 2;
-    ``PRECISE_LIGHTNING_DEBUG=1`` shows the traceback. Errors raised anywhere else keep their traceback."""
+    """``python cli.py``: :func:`main` under :func:`user_errors`."""
+    user_errors(main, args)
+
+
+def user_errors(command: Callable[..., T], *args: Any) -> T:
+    """``command(*args)``, with the errors a user is to fix (raised by this package's own checks: bad config values,
+    files, checkpoints) printed as their message alone, once, with exit status 2; ``PRECISE_LIGHTNING_DEBUG=1``
+    shows the traceback. Errors raised anywhere else keep their traceback."""
     try:
-        main(args)
+        return command(*args)
     except (ValueError, OSError) as err:
         if os.environ.get("PRECISE_LIGHTNING_DEBUG") or not _raised_here(err):
             raise

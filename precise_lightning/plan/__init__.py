@@ -88,7 +88,7 @@ def build_policy(recipe: Recipe) -> Policy:
 def _sampler(recipe: Recipe, policy: Policy) -> Sampler:
     spec = recipe.config.model.sampler
     sampler = import_object(spec.class_path)(**vars(spec.init_args)) if spec is not None else Sampler()
-    return sampler.for_policy(policy) or sampler
+    return sampler.for_policy(policy)
 
 
 def _largest_unit(policy: Policy) -> int:
@@ -157,7 +157,7 @@ def plan(config_args: list[str], devices: int, gpu_memory_gb: float, tflops: flo
                                   sampler.rule in MULTISTEP) + 4 * batch * m["image_floats"] + cond_bytes
         by_phase = {"encode": encoded.bytes + (text_bytes if offloaded else 0),
                     "rollout": stored + max(m["rollout"].bytes, m["decode"].bytes),
-                    "update": stored + m["update"].bytes + 4 * trainable / shard, "stored": stored}
+                    "update": stored + m["update"].bytes, "stored": stored}  # gradients: in resident
         base = resident - (text_bytes if offloaded and not offload else 0) + (text_bytes if offload and not offloaded
                                                                                 else 0)
         return base + max(by_phase["encode"], by_phase["rollout"], by_phase["update"]), by_phase
@@ -184,7 +184,7 @@ def plan(config_args: list[str], devices: int, gpu_memory_gb: float, tflops: flo
         "phases_gb": {"encode (text encoders' activations)": round(measured["encode"] / GB, 3),
                       "rollout (stored trajectory, images and embeddings + one micro-batch's activations)":
                           round(measured["rollout"] / GB, 3),
-                      "update (stored rollout + activations and gradients of one micro-batch)":
+                      "update (stored rollout + one micro-batch's forward and backward)":
                           round(measured["update"] / GB, 3)},
         "stored_rollout_gb": round(measured["stored"] / GB, 3),
         "parameters": parameters,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
+from precise_lightning.cli import user_errors
 from precise_lightning.plan import plan
 
 parser = argparse.ArgumentParser(prog="python -m precise_lightning.plan", description=__doc__)
@@ -23,13 +23,7 @@ if args.devices < 1 or args.gpu_memory_gb <= 0 or args.tflops <= 0:
     parser.error("--devices, --gpu-memory-gb and --tflops must be positive")
 config_args = [a for path in args.config for a in ("--config", path)] + overrides
 config_args += ["--trainer.devices", str(args.devices)]
-try:
-    result = plan(config_args, args.devices, args.gpu_memory_gb, args.tflops)
-except (ValueError, OSError) as err:
-    if os.environ.get("PRECISE_LIGHTNING_DEBUG"):
-        raise
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+result = user_errors(plan, config_args, args.devices, args.gpu_memory_gb, args.tflops)
 if args.json:
     print(json.dumps(result, indent=2))
     sys.exit(0)

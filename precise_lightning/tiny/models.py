@@ -26,10 +26,6 @@ from precise_lightning.tiny.tokenizers import clip_tokenizer, qwen3_tokenizer, t
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 FLUX2_KLEIN = "black-forest-labs/FLUX.2-klein-base-4B"
 PUBLISHED = Path(__file__).parent / "published"
-# The tiny VAE keeps the published scaling, shift and (absent) quant convs, so decoding is tested with them.
-SD35_VAE = {k: v for k, v in json.loads((PUBLISHED / "stable-diffusion-3.5-medium.json").read_text())["vae"].items()
-            if k in ("in_channels", "out_channels", "scaling_factor", "shift_factor", "use_quant_conv",
-                     "use_post_quant_conv")}
 TINY_RESOLUTION = 32  # pixels; the tiny VAE halves it once, the transformer's 2x2 patches halve it again
 
 
@@ -45,6 +41,12 @@ def _tiny_clip_text(hidden: int, act: str) -> CLIPTextModelWithProjection:
 def published(hub_id: str) -> dict[str, dict[str, Any]]:
     """The published architecture of each component of ``hub_id`` (``published/<name>.json``, with its source)."""
     return json.loads((PUBLISHED / f"{hub_id.split('/')[-1]}.json").read_text())
+
+
+# The tiny VAE keeps the published scaling, shift and (absent) quant convs, so decoding is tested with them.
+SD35_VAE = {k: v for k, v in published(SD35_MEDIUM)["vae"].items()
+            if k in ("in_channels", "out_channels", "scaling_factor", "shift_factor", "use_quant_conv",
+                     "use_post_quant_conv")}
 
 
 def _capped(config: dict[str, Any], key: str, depth: int | None, floor: int = 0) -> dict[str, Any]:
