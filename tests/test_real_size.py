@@ -10,8 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+import cli
 from conftest import ROOT
+from precise_lightning.callbacks import RewardScorer
 from precise_lightning.plan import build_policy, parse, plan
+from precise_lightning.plan.memory import FrozenAwareMemTracker
 from precise_lightning.plan.rewards import PUBLISHED
 from precise_lightning.rewards import CLIPScore, PickScore
 from precise_lightning.tiny.models import flux2_klein_pipeline, sd35_pipeline
@@ -129,9 +132,41 @@ def test_plan_says_what_to_change_when_it_does_not_fit_and_what_offloading_saves
 @pytest.mark.slow
 def test_gpu_acceptance_script_runs_on_the_cpu_with_tiny_models(tmp_path):
     out = tmp_path / "gpu_check.json"
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--recipes", "sd35", "--iterations",
+                           "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["recipes"]
-    assert {r["recipe"] for r in rows} == {"sd35", "flux2_klein"}
+    assert [r["recipe"] for r in rows] == ["sd35"]
     assert all(r["ratio_drift_first"] == 0 and r["update_s"] > 0 and r["plan_peak_gb"] > 0 for r in rows)
+
+
+class _FitTracker(FrozenAwareMemTracker):
+    """MemTracker refuses a root module's second call (its per-module statistics are per iteration); over a whole fit
+    only the device totals are read, so the previous call's per-module statistics are dropped."""
+
+    def _pre_fw_hook(self, module, inputs):
+        roots = set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)}
+        if module in self.memory_tracking and not self._mod_tracker.is_bw and roots == {"Global"}:
+            del self.memory_tracking[module]
+        return super()._pre_fw_hook(module, inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/sd35_precise.yaml"])  # Klein: the same, by hand (the README), 157 s
+def test_plan_peak_equals_the_peak_measured_on_real_tensors_within_10_percent(tmp_path, model_root, config):
+    """The tiny recipe planned, then trained for two iterations under torch's MemTracker on the CPU (weights of
+    models that never run, the held-out metrics without evaluation, registered up front as they sit in memory)."""
+    args = ["--config", config, "--config", "configs/tiny_cpu.yaml", "--model_root", str(model_root),
+            "--trainer.limit_val_batches", "0", "--model.eval_at_start", "false", "--trainer.callbacks", "[]",
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+            "--trainer.max_steps", "2"]  # one iteration: the tracker slows a fit some 20 times
+    predicted = plan(args, 1, 80)["peak_bytes"]
+    run = cli.main(args, run=False)
+    scorer = next(c for c in run.trainer.callbacks if isinstance(c, RewardScorer))
+    tracker = _FitTracker()
+    tracker.track_external(run.model, *scorer.rewards.values(), *scorer.metrics.values())
+    with tracker:
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    measured = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    print(f"{config}: plan {predicted} bytes, measured {measured} bytes")
+    assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)

@@ -70,14 +70,14 @@ def parse(config_args: list[str]) -> Recipe:
 
 def build_policy(recipe: Recipe) -> Policy:
     """The recipe's policy: loaded when its weights are on this machine (the tiny models), else its published
-    architecture on the meta device, with the dtypes a GPU run gives the frozen parts."""
+    architecture on the meta device, with the dtypes the run's accelerator gives the frozen parts."""
     spec = recipe.config.model.policy
     cls = import_object(spec.class_path)
     init = dict(vars(spec.init_args))
     if not issubclass(cls, PipelinePolicy):
         return cls(**init)
-    if init.get("text_dtype") is None:
-        init["text_dtype"] = "bfloat16"  # the GPU default (frozen_dtype)
+    if init.get("text_dtype") is None and recipe.config.trainer.accelerator != "cpu":
+        init["text_dtype"] = "bfloat16"  # frozen_dtype's default on a GPU machine (the plan may run without one)
     if init.get("random_weights") or not Path(resolve(init["model"])).expanduser().exists():
         init["random_weights"] = True
         with torch.device("meta"):
@@ -180,6 +180,7 @@ def plan(config_args: list[str], devices: int, gpu_memory_gb: float, tflops: flo
         "usable_gb": round(usable / GB, 2),
         "fits": peak <= usable,
         "peak_gb": round(peak / GB, 2),
+        "peak_bytes": int(peak),
         "components": {k: round(v / GB, 3) for k, v in components.items()},
         "phases_gb": {"encode (text encoders' activations)": round(measured["encode"] / GB, 3),
                       "rollout (stored trajectory, images and embeddings + one micro-batch's activations)":
