@@ -43,9 +43,14 @@ class Measured:
 
 
 def measure(run: Callable[[], Any]) -> Measured:
-    """Peak bytes ``run()`` allocates beyond the parameters, buffers and gradients it touches, and its FLOPs."""
-    tracker, flops = FrozenAwareMemTracker(), FlopCounterMode(display=False)
-    with tracker, flops:
+    """Peak bytes ``run()`` allocates beyond the parameters, buffers and gradients it touches, and its FLOPs, in two
+    runs: FlopCounterMode's module hooks keep checkpointed activations alive, which would hide what checkpointing
+    saves."""
+    flops = FlopCounterMode(display=False)
+    with flops:
+        run()
+    tracker = FrozenAwareMemTracker()
+    with tracker:
         run()
     kept = {"Parameter", "Buffer", "Gradient"}
     peak = max((sum(v for k, v in snap.items() if k != "Total" and getattr(k, "value", k) not in kept)
