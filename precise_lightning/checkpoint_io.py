@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
             with contextlib.suppress(OSError):  # nothing to clean up where the directory itself is the problem
                 tmp.unlink(missing_ok=True)
             raise CheckpointError(
@@ -81,28 +82,41 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        try:
-            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        except FileNotFoundError:
-            raise
-        except Exception as err:  # torch's zip and unpickling errors: a truncated or garbled file
-            raise CheckpointError(f"checkpoint {path} cannot be read ({err}): it is truncated or corrupt. "
-                                  f"{_newest_intact(Path(path))}") from err
-        expected = checkpoint.get("integrity", {}).get("sha256")
-        if expected is not None and content_digest(checkpoint) != expected:
-            raise CheckpointError(f"checkpoint {path} does not match the checksum written with it: its content changed "
-                                  f"on disk. {_newest_intact(Path(path))}")
-        return checkpoint
+        return read_checkpoint(Path(path), map_location=map_location, weights_only=weights_only)
+
+
+def read_checkpoint(path: Path, neighbours: bool = True, **load_kwargs: Any) -> dict[str, Any]:
+    """A checkpoint file read back and checked against its checksum; a file that is missing, unreadable or changed
+    raises :class:`CheckpointError`, naming (``neighbours``) the newest intact checkpoint beside it."""
+    if not path.is_file():
+        where = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {where}. {_newest_intact(path) if neighbours else ''}".strip())
+    try:
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; a truncated one has no central directory
+            raise ValueError("not a complete zip archive, which torch.save writes")
+        checkpoint = torch.load(path, **{"map_location": "cpu", **load_kwargs})
+    except Exception as err:  # torch's zip and unpickling errors: a truncated or garbled file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({str(err).splitlines()[0]}): it is truncated or "
+                              f"corrupt. {_newest_intact(path) if neighbours else ''}".strip()) from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a training checkpoint. "
+                              f"{_newest_intact(path) if neighbours else ''}".strip())
+    expected = checkpoint.get("integrity", {}).get("sha256")
+    if expected is not None and content_digest(checkpoint) != expected:
+        raise CheckpointError(f"checkpoint {path} does not match the checksum written with it: its content changed "
+                              f"on disk. {_newest_intact(path) if neighbours else ''}".strip())
+    return checkpoint
 
 
 def _newest_intact(bad: Path) -> str:
     """Which other checkpoint of the same directory, newest first, reads back and matches its checksum."""
-    io = VerifiedCheckpointIO()
+    if not bad.parent.is_dir():
+        return ""
     for other in sorted((p for p in bad.parent.glob("*.ckpt") if p != bad and p.is_file()),
                         key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            io.load_checkpoint(other, weights_only=False)
-        except (CheckpointError, OSError):
+            read_checkpoint(other, neighbours=False, mmap=True, weights_only=True)  # each neighbour is checked, never searched from
+        except CheckpointError:
             continue
         return f"The newest intact checkpoint beside it is {other}: resume with --ckpt_path {other}"
     return "No intact checkpoint is beside it: resume from an earlier copy, or start afresh"

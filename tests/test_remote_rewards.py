@@ -19,7 +19,7 @@ import cli
 from conftest import demo_args, run_dir, scalars
 from precise_lightning.callbacks import RewardScorer
 from precise_lightning.callbacks.rewards import BACKGROUND_MICRO_BATCHES
-from precise_lightning.rewards import DigitClassifierReward, GenEvalReward, RemoteRewardError, UnifiedReward
+from precise_lightning.rewards import DigitClassifierReward, GenEvalReward, RemoteRewardError, Reward, UnifiedReward
 from precise_lightning.rewards.remote import uint8_images
 from precise_lightning.rewards.unified_reward import INSTRUCTION, parse_scores
 from reward_servers import decoded, serving
@@ -214,7 +214,7 @@ def test_klein_geneval_recipe_smoke_runs_against_a_fake_server(tmp_path, model_r
     assert {r["only_strict"] for r in fake.requests} == {True, False}
 
 
-class SlowDigitReward(torch.nn.Module):
+class SlowDigitReward(Reward):
     """The demo's reward as a server would give it: ``io_bound``, scored from uint8 pixels as every remote client
     does, a set wait per call; records its threads."""
 

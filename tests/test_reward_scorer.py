@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 import yaml
 import torch
-from torch import nn
 
 import cli
 from conftest import ROOT, demo_args, run_dir, tensorboard
 from precise_lightning.callbacks import EMA, RewardScorer
-from precise_lightning.rewards import CLIPScore, HPSv2, PickScore
+from precise_lightning.rewards import CLIPScore, HPSv2, PickScore, Reward
 
 
-class Fixed(nn.Module):
+class Fixed(Reward):
     """A reward that returns given values (and counts its calls)."""
 
     def __init__(self, values: list[float]) -> None:
@@ -125,7 +124,7 @@ def test_bad_model_root_fails_at_parse(tmp_path):
         cli.main(_demo(tmp_path, "--model_root", "/no/such/root"), run=False)
 
 
-class Recorder(nn.Module):
+class Recorder(Reward):
     """A reward that asks for the prompts' metadata and records it (its score: the digit's tag length)."""
 
     wants_metadata = True

@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from precise_lightning.rewards.remote import uint8_images
+from precise_lightning.rewards.reward import Reward
 
 
 class RewardScorer(Callback):
@@ -40,10 +41,10 @@ class RewardScorer(Callback):
 
     def __init__(
         self,
-        rewards: dict[str, nn.Module],
+        rewards: dict[str, Reward],
         weights: dict[str, float] | None = None,
         normalize: bool = False,
-        metrics: dict[str, nn.Module] | None = None,
+        metrics: dict[str, Reward] | None = None,
         overlap: bool = True,
     ) -> None:
         super().__init__()

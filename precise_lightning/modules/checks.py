@@ -9,6 +9,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from precise_lightning.modules.losses import KL_FORMS
+
+
+def check_settings(**settings: Any) -> None:
+    """The module's scalar settings, each checked on its own value (by the module, and at parse time from the
+    config, before any model loads): ``clip_range=...``, ``inner_epochs=...``, any subset of the module's."""
+    rules = {
+        "clip_range": (lambda v: v > 0, "> 0"),
+        "adv_clip_max": (lambda v: v > 0, "> 0"),
+        "beta": (lambda v: v >= 0, ">= 0"),
+        "kl_form": (lambda v: v in KL_FORMS, f"one of {list(KL_FORMS)}"),
+        "std_scope": (lambda v: v in ("group", "global"), "'group' or 'global'"),
+        "train_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "inner_epochs": (lambda v: v >= 1, ">= 1"),
+        "micro_batch_size": (lambda v: v is None or v >= 1, ">= 1 (or null: the whole batch)"),
+        "updates_per_rollout": (lambda v: v >= 1, ">= 1"),
+        "max_grad_norm": (lambda v: v is None or v > 0, "> 0 or null"),
+        "max_bad_iterations": (lambda v: v >= 1, ">= 1"),
+    }
+    for name, value in settings.items():
+        ok, wanted = rules[name]
+        if not ok(value):
+            raise ValueError(f"model.{name} must be {wanted}, got {value!r}")
+
 
 def micro_slices(batch_size: int, micro_batch_size: int | None, updates_per_rollout: int) -> list[slice]:
     """Equal micro-batches (equal loss weights per sample), a whole number per optimizer step."""

@@ -21,15 +21,11 @@ from precise_lightning.callbacks.progress import RolloutProgressBar
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
 from precise_lightning.checkpoint_io import VerifiedCheckpointIO
 from precise_lightning.hub import Dtype
-from precise_lightning.modules.checks import micro_slices, refuse_float16
+from precise_lightning.modules.checks import check_settings, micro_slices, refuse_float16
 from precise_lightning.modules.evaluation import Evaluation
 from precise_lightning.modules.guard import NonFiniteGuard, destroy_process_group_at_exit, non_finite_parts, oom_advice
 from precise_lightning.modules.logs import log_iteration
-from precise_lightning.modules.losses import (
-    flat_groups,
-    group_advantages,
-    KL_FORMS,
-)
+from precise_lightning.modules.losses import flat_groups, group_advantages
 from precise_lightning.modules.policy import Policy, slice_cond
 from precise_lightning.modules.run_state import (
     all_ranks,
@@ -123,22 +119,11 @@ class GRPOModule(Evaluation, PPOUpdate):
         for s in (self.sampler, self.eval_sampler, *self.extra_eval_samplers.values()):
             s.for_policy(policy)  # a sampler without a grid samples on the policy's own
         self.sampler.check_trainable()
-        checks = [
-            (clip_range > 0, f"clip_range must be > 0, got {clip_range}"),
-            (adv_clip_max > 0, f"adv_clip_max must be > 0, got {adv_clip_max}"),
-            (beta >= 0, f"beta must be >= 0, got {beta}"),
-            (kl_form in KL_FORMS, f"kl_form must be one of {list(KL_FORMS)}, got {kl_form!r}"),
-            (std_scope in ("group", "global"), f"std_scope must be 'group' or 'global', got {std_scope!r}"),
-            (0 < train_fraction <= 1, f"train_fraction must be in (0, 1], got {train_fraction}"),
-            (inner_epochs >= 1, f"inner_epochs must be >= 1, got {inner_epochs}"),
-            (micro_batch_size is None or micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {micro_batch_size}"),
-            (updates_per_rollout >= 1, f"updates_per_rollout must be >= 1, got {updates_per_rollout}"),
-            (max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be > 0 or null, got {max_grad_norm}"),
-            (max_bad_iterations >= 1, f"max_bad_iterations must be >= 1, got {max_bad_iterations}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        self.sampler.warn_if_swamped()
+        check_settings(clip_range=clip_range, adv_clip_max=adv_clip_max, beta=beta, kl_form=kl_form,
+                       std_scope=std_scope, train_fraction=train_fraction, inner_epochs=inner_epochs,
+                       micro_batch_size=micro_batch_size, updates_per_rollout=updates_per_rollout,
+                       max_grad_norm=max_grad_norm, max_bad_iterations=max_bad_iterations)
         self.save_hyperparameters(ignore=["policy", "sampler", "eval_sampler", "extra_eval_samplers", "optimizer"])
         self.policy = policy
         self.optimizer = optimizer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,6 +94,15 @@ class PipelinePolicy(Policy):
         if gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
         self.attach_denoiser(pipe.transformer)
+
+    @classmethod
+    def check_arguments(cls, arguments: dict[str, Any]) -> None:
+        """A ``model`` written as a local path (``/``, ``./``, ``../``, ``~``) that is not there."""
+        model = str(arguments.get("model") or "")
+        if (not arguments.get("random_weights") and model.startswith(("/", "./", "../", "~"))
+                and not Path(model).expanduser().exists()):
+            raise FileNotFoundError(f"model.policy.init_args.model {model!r} is a local path that does not exist: "
+                                    "give the directory of the diffusers pipeline (or its hub id)")
 
     def signature(self) -> dict[str, Any]:
         return super().signature() | {"model": self.model}

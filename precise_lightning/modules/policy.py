@@ -48,6 +48,11 @@ class Policy(nn.Module):
         self.reference_denoiser: nn.Module | None = None
         self._use_reference = False
 
+    @classmethod
+    def check_arguments(cls, arguments: dict[str, Any]) -> None:
+        """Raise on what the config's ``init_args`` alone show to be wrong; called when the config is parsed, before
+        any model loads."""
+
     def attach_denoiser(self, denoiser: nn.Module) -> None:
         if self.lora_rank:
             denoiser.requires_grad_(False)

@@ -1,4 +1,5 @@
-"""Reward models: each is ``reward(images [B, C, H, W] in [0, 1], prompts) -> tensor[B]`` (float32, no grad).
+"""Reward models: each is a :class:`Reward`, ``reward(images [B, C, H, W] in [0, 1], prompts) -> tensor[B]``
+(float32, no grad).
 
 PickScore, HPSv2.1, CLIPScore, ImageReward and the aesthetic score return the metric as the papers report it;
 the demo's digit classifier returns a probability; the JPEG rewards need no weights; GenEval and UnifiedReward are
@@ -15,9 +16,11 @@ from precise_lightning.rewards.imagereward import ImageReward
 from precise_lightning.rewards.jpeg import JPEGCompressibility, JPEGIncompressibility
 from precise_lightning.rewards.preprocess import ClipPreprocess
 from precise_lightning.rewards.remote import RemoteRewardError
+from precise_lightning.rewards.reward import Reward
 from precise_lightning.rewards.unified_reward import UnifiedReward
 
 __all__ = [
     "AestheticScore", "CLIPScore", "ClipPreprocess", "DigitClassifierReward", "GenEvalReward", "HPSv2", "ImageReward",
-    "JPEGCompressibility", "JPEGIncompressibility", "PickScore", "RemoteRewardError", "UnifiedReward",
+    "JPEGCompressibility", "JPEGIncompressibility", "PickScore", "RemoteRewardError", "Reward",
+    "UnifiedReward",
 ]

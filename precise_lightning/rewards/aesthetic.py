@@ -12,6 +12,7 @@ from transformers import AutoProcessor
 from precise_lightning.hub import Dtype, WeightsNotFoundError, frozen_dtype, load_pretrained
 from precise_lightning.rewards.clip import frozen_clip
 from precise_lightning.rewards.preprocess import ClipPreprocess
+from precise_lightning.rewards.reward import Reward
 
 CHECKPOINT = "sac+logos+ava1-l14-linearMSE.pth"
 
@@ -26,7 +27,7 @@ def aesthetic_mlp(width: int = 768) -> nn.Module:
     return head
 
 
-class AestheticScore(nn.Module):
+class AestheticScore(Reward):
     """``reward(images, prompts) -> [B]``: the aesthetic predictor's score (prompts are not used).
 
     Args:

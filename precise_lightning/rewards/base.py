@@ -9,11 +9,12 @@ from torch import Tensor, nn
 
 from precise_lightning.hub import Dtype, frozen_dtype
 from precise_lightning.rewards.preprocess import ClipPreprocess
+from precise_lightning.rewards.reward import Reward
 
 log = logging.getLogger(__name__)
 
 
-class ClipReward(nn.Module):
+class ClipReward(Reward):
     """``forward(images [B, C, H, W] in [0, 1], prompts) -> [B] float32``, no grad, on the images' device.
 
     Subclasses set ``preprocess`` and ``max_tokens`` and implement :meth:`encode_images`, :meth:`encode_texts`

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from precise_lightning.data.digits import cached_state_dict, digit_labels, isolated_rng, load_digits
+from precise_lightning.rewards.reward import Reward
 
 
 def make_classifier() -> nn.Sequential:
@@ -29,7 +30,7 @@ def train_classifier(net: nn.Module, epochs: int, seed: int) -> dict:
     return net.state_dict()
 
 
-class DigitClassifierReward(nn.Module):
+class DigitClassifierReward(Reward):
     """reward(images [B, 1, 8, 8] in [0, 1], prompts) -> p(prompted digit | image) [B]; trained once, cached."""
 
     def __init__(self, epochs: int = 40, seed: int = 0, cache_dir: str | None = None) -> None:

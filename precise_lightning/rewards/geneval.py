@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from precise_lightning.rewards.jpeg import jpeg_bytes
 from precise_lightning.rewards.remote import HttpPool, device_of, finite_or_nan, uint8_images
+from precise_lightning.rewards.reward import Reward
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_
 _NOT_THIS_TAG = -10.0  # the server's marker in the per-tag lists
 
 
-class GenEvalReward(nn.Module):
+class GenEvalReward(Reward):
     """``reward(images, prompts, metadata) -> ([B] scores, details)``; details: strict accuracy, accuracy and both
     per GenEval tag, each [B] with NaN where it does not apply (logged as ``train/reward_<name>/<detail>``).
 
@@ -51,6 +52,7 @@ class GenEvalReward(nn.Module):
     """
 
     wants_metadata = True
+    required_metadata = ("tag", "include")
     wants_evaluating = True
     io_bound = True  # waits on a server: scored in the background while sampling goes on
     detail_names = ("strict_accuracy", "accuracy", *(f"{t}_strict_accuracy" for t in TAGS),
@@ -69,7 +71,7 @@ class GenEvalReward(nn.Module):
 
     def forward(self, images: Tensor | np.ndarray, prompts: list[str], metadata: Sequence[dict[str, Any]],
                 evaluating: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        missing = [p for p, m in zip(prompts, metadata) if "tag" not in m or "include" not in m]
+        missing = [p for p, m in zip(prompts, metadata) if any(k not in m for k in self.required_metadata)]
         if missing:
             raise ValueError(
                 f"GenEvalReward needs GenEval metadata (tag, include, ...) for every prompt; {len(missing)} have "

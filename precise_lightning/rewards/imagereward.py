@@ -13,13 +13,14 @@ import json
 
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
 from precise_lightning.hub import Dtype, frozen_dtype, hub_file, load_pretrained
 from precise_lightning.rewards.aesthetic import aesthetic_mlp
 from precise_lightning.rewards.base import warn_truncated_once
 from precise_lightning.rewards.preprocess import ClipPreprocess
+from precise_lightning.rewards.reward import Reward
 
 REPO, CHECKPOINT, MED_CONFIG = "THUDM/ImageReward", "ImageReward.pt", "med_config.json"
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # ImageReward.py: rewards = (rewards - mean) / std
@@ -87,7 +88,7 @@ def text_config(med: dict, encoder_width: int) -> BlipTextConfig:
     )
 
 
-class ImageReward(nn.Module):
+class ImageReward(Reward):
     """``reward(images [B, C, H, W] in [0, 1], prompts) -> [B]`` float32: the ImageReward score.
 
     Args:

@@ -8,9 +8,10 @@ import io
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
 from precise_lightning.rewards.preprocess import to_uint8
+from precise_lightning.rewards.reward import Reward
 
 
 def jpeg_bytes(image: np.ndarray, quality: int, size: int | None = None) -> bytes:
@@ -33,7 +34,7 @@ def jpeg_kilobytes(images: Tensor, quality: int = 95) -> Tensor:
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 
-class JPEGIncompressibility(nn.Module):
+class JPEGIncompressibility(Reward):
     """Reward: the JPEG size in kB (larger images score higher: detail, texture, noise)."""
 
     def __init__(self, quality: int = 95) -> None:

@@ -15,10 +15,11 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from precise_lightning.rewards.jpeg import jpeg_bytes
 from precise_lightning.rewards.remote import HttpPool, device_of, uint8_images
+from precise_lightning.rewards.reward import Reward
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def parse_scores(answer: str) -> dict[str, float] | None:
         return None
 
 
-class UnifiedReward(nn.Module):
+class UnifiedReward(Reward):
     """``reward(images, prompts) -> ([B] weighted mean of the parts, {alignment, coherence, style: [B]})``.
 
     Args:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -89,6 +90,38 @@ class Sampler:
                 "their log-probs are degenerate and nothing trains; give an eta that adds noise (the rule's default: "
                 "model.sampler.init_args.eta null)"
             )
+
+    def swamped_steps(self) -> tuple[list[int], list[int]]:
+        """Stochastic steps whose noise swamps the transition (std above the next noise level t_next: more noise
+        than the whole marginal at t_next holds; equal is a full renoise, as Precise's first step and CPS at eta 1
+        do by design) and those whose mean overshoots the data (on x_t = t eps with the exact velocity eps, the
+        mean's share of eps is below 0, i.e. past x0)."""
+        times = self.timesteps
+        swamped, overshoot = [], []
+        for i in self.sde_steps:
+            t, t_next = times[i : i + 1], times[i + 1 : i + 2]
+            eps = torch.ones(1, dtype=torch.float64)
+            j = previous_step(self.rule, i, times, self.lower_order_final)
+            context = {"d_prev": torch.zeros_like(eps), "t_prev": times[j]} if j is not None else {}
+            mean, std = transition(self.rule, t * eps, eps, t, t_next, self.eta, **context)
+            if float(std) > float(t_next) * (1 + 1e-6):
+                swamped.append(i)
+            if float(mean) < 0:
+                overshoot.append(i)
+        return swamped, overshoot
+
+    def warn_if_swamped(self) -> None:
+        """Warn (once: where the module is built) when :meth:`swamped_steps` are more than half the stochastic
+        steps: rollouts are then mostly noise and rewards stay at chance (a few such steps are Euler-Maruyama's
+        known excess noise at coarse steps at the published settings, e.g. flow_sde at eta 0.7)."""
+        swamped, overshoot = self.swamped_steps()
+        parts = [f"its noise exceeds the next noise level on steps {swamped}" if swamped else "",
+                 f"its mean overshoots the data on steps {overshoot}" if overshoot else ""]
+        if 2 * len(set(swamped) | set(overshoot)) > len(self.sde_steps):
+            warnings.warn(f"the training sampler (rule {self.rule!r}, eta {self.eta}): "
+                          f"{' and '.join(p for p in parts if p)}: rollouts there are noise, and rewards are likely "
+                          "to stay at chance. Lower model.sampler.init_args.eta (null: the rule's default)",
+                          UserWarning, stacklevel=2)
 
     def for_policy(self, policy: Any) -> Sampler:
         """Without a grid of its own, take the policy's (``policy.default_grid()``); returns self."""

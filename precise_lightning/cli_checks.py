@@ -1,0 +1,142 @@
+"""What a parsed config alone shows to be wrong, raised before any model loads (one ``error:`` paragraph, exit 2,
+through :func:`precise_lightning.cli.user_errors`), and the parser's own messages made as short."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from jsonargparse.typing import import_object
+
+from precise_lightning.data.prompts import read_prompts
+from precise_lightning.modules.checks import check_settings, micro_slices, refuse_float16
+
+SETTINGS = ("clip_range", "adv_clip_max", "beta", "kl_form", "std_scope", "train_fraction", "inner_epochs",
+            "micro_batch_size", "updates_per_rollout", "max_grad_norm", "max_bad_iterations")
+
+
+def check_config(subcommand: str | None, config: Any) -> None:
+    """Every check that needs only the config's values (``config``: the subcommand's parsed namespace)."""
+    model, data, trainer = config.model, config.data, config.trainer
+    check_settings(**{name: model[name] for name in SETTINGS})
+    if trainer.max_steps != -1 and trainer.max_steps < 1:
+        raise ValueError(f"trainer.max_steps must be a positive number of optimizer steps (or -1: no limit), got "
+                         f"{trainer.max_steps}")
+    if data.group_size and data.batch_size % data.group_size == 0:  # else the DataModule says what is wrong
+        micro_slices(data.batch_size, model.micro_batch_size, model.updates_per_rollout)
+    refuse_float16(trainer.precision)  # the config's value: Lightning would turn it into bf16 on a CPU
+    check_optimizer(model.optimizer)
+    for key, path in _output_dirs(trainer):
+        check_writable_dir(path, key)
+    if model.policy is not None and getattr(model.policy, "class_path", None):
+        import_object(model.policy.class_path).check_arguments(_plain(model.policy.get("init_args")))
+    check_required_metadata(config.reward, data)
+    if subcommand == "fit":
+        per_rollout = model.updates_per_rollout * model.inner_epochs
+        if trainer.max_steps > 0 and trainer.max_steps % per_rollout:
+            raise ValueError(
+                f"trainer.max_steps ({trainer.max_steps}) counts optimizer steps and must be a multiple of those "
+                f"one rollout takes (model.updates_per_rollout x model.inner_epochs = {per_rollout}): e.g. "
+                f"{(trainer.max_steps // per_rollout + 1) * per_rollout}"
+            )
+        sampler = model.sampler
+        if sampler is not None:  # the Sampler alone, on the uniform grid: zero noise does not depend on the grid
+            init = {k: v for k, v in _plain(sampler.init_args).items() if k != "grid"}
+            import_object(sampler.class_path)(**init).check_trainable()
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """The optimizer built once on a stand-in parameter, so that torch's own checks (lr, betas, eps) run now."""
+    if optimizer is None or not getattr(optimizer, "class_path", None):
+        return
+    try:
+        import_object(optimizer.class_path)([torch.nn.Parameter(torch.zeros(1))], **_plain(optimizer.init_args))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"model.optimizer ({optimizer.class_path}) refuses its init_args: {err}") from None
+
+
+def check_writable_dir(path: str, key: str) -> None:
+    """``path`` is, or can be made, a directory this process can write."""
+    existing = Path(path).expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{key} {path!r} cannot be a directory: {existing} is a file. Give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{key} {path!r}: {existing} cannot be written by this user (or is on a read-only "
+                              "file system). Give a directory you can write")
+
+
+def check_required_metadata(reward: Any, data: Any) -> None:
+    """Rewards whose class names ``required_metadata`` find those fields on every prompt of the files they see
+    (training rewards: both files; held-out metrics: the evaluation prompts)."""
+    for section in ("rewards", "metrics"):
+        for name, spec in (reward.get(section) or {}).items():
+            required = getattr(import_object(spec.class_path), "required_metadata", ()) if spec else ()
+            if not required:
+                continue
+            files = [data.eval_file or data.train_file] + ([data.train_file] if section == "rewards" else [])
+            for path in dict.fromkeys(f for f in files if f):
+                records = read_prompts(path)
+                missing = [r["prompt"] for r in records if any(k not in r for k in required)]
+                if missing:
+                    raise ValueError(
+                        f"reward.{section}.{name} ({spec.class_path.rsplit('.', 1)[-1]}) needs the fields "
+                        f"{list(required)} on every prompt, and {path} lacks them on {len(missing)} of its "
+                        f"{len(records)} (e.g. {missing[0]!r}): use a .jsonl prompt file whose lines carry them "
+                        "(for GenEval, its own metadata files: see the README)"
+                    )
+
+
+def check_yaml_files(args: list[str]) -> None:
+    """Each ``--config FILE`` parses as YAML; else an error that names the file (the parser's does not)."""
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.partition("=")[2] \
+            if arg.startswith("--config=") else None
+        if path and Path(path).is_file():
+            try:
+                yaml.safe_load(Path(path).read_text())
+            except yaml.YAMLError as err:
+                where = getattr(err, "problem_mark", None)
+                at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise ValueError(f"config file {path} is not valid YAML{at}: {problem}") from None
+
+
+def short_parse_error(message: str) -> str:
+    """jsonargparse's report of a value of the wrong type (a nested block per union member, 12-17 lines) as one
+    line: the full key, the value given and the types it takes; any other message as it is. Nested parsers (a
+    class's ``init_args``) report first, so an inner line already made short is taken in with the outer key."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    inner = re.search(r"--([\w.]+): ('.*?') is not a valid value (\(it takes .*?\))", message)
+    if keys and inner:
+        return f"--{keys[0]}.init_args.{inner[1]}: {inner[2]} is not a valid value {inner[3]}"
+    given = re.findall(r"(?:Given|Got) value: (.+?)(?:\. Got value: .*)?$", message, flags=re.M)
+    expected = list(dict.fromkeys(re.findall(r"Expected an? <class '([\w.]+)'>", message)))
+    if not keys or not given or not expected:
+        return message
+    key = keys[0] + "".join(f".init_args.{k}" for k in keys[1:])
+    types = [t for t in expected if t != "NoneType"] or expected
+    nullable = ", or null" if "NoneType" in expected and len(expected) > 1 else ""
+    return f"--{key}: {given[0]!r} is not a valid value (it takes {' or '.join(types)}{nullable})"
+
+
+def _output_dirs(trainer: Any) -> list[tuple[str, str]]:
+    dirs = [("trainer.default_root_dir", trainer.default_root_dir)] if trainer.get("default_root_dir") else []
+    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+    for logger in loggers:
+        init = getattr(logger, "init_args", None)
+        if init is not None and init.get("save_dir"):
+            dirs.append(("trainer.logger.init_args.save_dir", init.save_dir))
+    return dirs
+
+
+def _plain(namespace: Any) -> dict[str, Any]:
+    """init_args as a dict (nested class specs stay namespaces)."""
+    if namespace is None:
+        return {}
+    return dict(vars(namespace)) if not isinstance(namespace, dict) else dict(namespace)

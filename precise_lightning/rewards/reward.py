@@ -1,0 +1,22 @@
+"""The type of every reward model: what the trainer calls, and the class attributes that say how to call it."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class Reward(nn.Module):
+    """``forward(images [B, C, H, W] in [0, 1], prompts) -> [B]`` (or ``([B], {detail: [B]})`` with
+    ``detail_names``), with no grad. ``reward.rewards`` and ``reward.metrics`` take subclasses of this class.
+
+    Class attributes: ``wants_metadata`` (the prompt file's other fields reach ``forward`` as ``metadata``, one
+    dict per image) and ``required_metadata`` (fields every prompt must have: checked in the prompt files when the
+    config is parsed); ``wants_evaluating`` (``forward`` is told whether images are evaluation images);
+    ``io_bound`` (waits on a server: scored in a background thread); ``detail_names`` (the parts it also returns).
+    """
+
+    wants_metadata: bool = False
+    required_metadata: tuple[str, ...] = ()
+    wants_evaluating: bool = False
+    io_bound: bool = False
+    detail_names: tuple[str, ...] = ()
