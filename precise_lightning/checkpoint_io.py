@@ -75,7 +75,7 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
             with contextlib.suppress(OSError):  # nothing to clean up where the directory itself is the problem
                 tmp.unlink(missing_ok=True)
             raise CheckpointError(
-                f"could not write the checkpoint {path}: {err}. The run stops rather than go on without checkpoints; "
+                f"could not write the checkpoint {path}: {str(err).strip().splitlines()[-1]}. The run stops rather than go on without checkpoints; "
                 f"{'the previous one is intact' if path.exists() else 'no earlier one is there'}. Free space or fix "
                 "the directory's permissions (trainer.default_root_dir / the logger's save_dir) and resume"
             ) from err

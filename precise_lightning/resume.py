@@ -14,9 +14,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from precise_lightning.checkpoint_io import CheckpointError, read_checkpoint
 
-# Run length and where logs go: changed on every resume, and nothing a resumed run computes depends on them.
-NOT_COMPARED = ("ckpt_path", "trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "trainer.logger",
-                "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.default_root_dir")
+# Run length, how the checkpoint is read and where logs go: changed on every resume, and nothing a resumed run computes depends on them.
+NOT_COMPARED = ("ckpt_path", "weights_only", "trainer.max_steps", "trainer.max_epochs", "trainer.max_time",
+                "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+                "trainer.default_root_dir")
 # Evaluation, logging and checkpointing: the trained weights do not depend on them (evaluation noise has its own
 # seeds, the EMA weights never feed back into training).
 EVALUATION_ONLY = ("model.eval_sampler", "model.extra_eval_samplers", "model.eval_seed", "model.eval_at_start",
