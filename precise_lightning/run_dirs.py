@@ -75,7 +75,7 @@ class RunDirectory(SaveConfigCallback):
         if stage == "fit" and trainer.is_global_zero and trainer.log_dir is not None:
             self._lock = lock_run_directory(Path(trainer.log_dir))
         if stage != "fit":
-            self.config_filename = f"config_{stage}.yaml"
+            self.config_filename = f"config_{getattr(stage, 'value', stage)}.yaml"  # stage: a TrainerFn
         self._dumped = self.parser.dump(self.config, skip_none=False)
         super().setup(trainer, pl_module, stage)
 

@@ -33,18 +33,22 @@ class Preemption(Callback):
         self._signal: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Here, not in setup: Lightning saves the handlers it finds after setup and puts them back after an error.
+        if threading.current_thread() is not threading.main_thread():
             return
         if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
             self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_signal)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where a caller handles Ctrl-C itself
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
 
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)  # Lightning calls no end hooks after an error
 
     def _on_signal(self, signum: int, _: Any) -> None:
         if signum == signal.SIGINT:
