@@ -72,8 +72,16 @@ class RunDirectory(SaveConfigCallback):
     _lock: IO[str] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero and trainer.log_dir is not None:
-            self._lock = lock_run_directory(Path(trainer.log_dir))
+        log_dir = trainer.log_dir  # a broadcast: every process asks
+        refused = None
+        if stage == "fit" and trainer.is_global_zero and log_dir is not None:
+            try:
+                self._lock = lock_run_directory(Path(log_dir))
+            except RunDirectoryInUse as err:
+                refused = str(err)
+        refused = trainer.strategy.broadcast(refused)  # every process stops, none waits on the others
+        if refused:
+            raise RunDirectoryInUse(refused)
         if stage != "fit":
             self.config_filename = f"config_{getattr(stage, 'value', stage)}.yaml"  # stage: a TrainerFn
         self._dumped = self.parser.dump(self.config, skip_none=False)

@@ -12,6 +12,7 @@ import torch
 import cli
 from conftest import demo_args, run_dir
 from precise_lightning.checkpoint_io import CheckpointError, VerifiedCheckpointIO
+from precise_lightning.resume import saved_config
 
 
 def _fit(log_dir, *extra, ckpt=None):
@@ -131,3 +132,10 @@ def test_an_explicit_checkpoint_is_the_same_resume_as_last_and_the_command_line_
     with pytest.raises(CheckpointError, match=f"{truncated} cannot be read .*newest intact checkpoint beside it is "
                                               f"{last}"):
         cli.main(["fit", *demo_args(tmp_path / "a"), "--ckpt_path", str(truncated)])
+
+
+def test_a_sharded_checkpoint_directory_is_read_from_its_metadata(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory without meta.pt: not a sharded checkpoint"):
+        saved_config(tmp_path)
+    torch.save({"global_step": 4, "config": "model:\n  beta: 0.0\n"}, tmp_path / "meta.pt")  # as FSDP2 writes it
+    assert saved_config(tmp_path) == ({"model": {"beta": 0.0}}, True)
