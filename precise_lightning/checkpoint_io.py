@@ -74,10 +74,11 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
         except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
             with contextlib.suppress(OSError):  # nothing to clean up where the directory itself is the problem
                 tmp.unlink(missing_ok=True)
+            previous = "the previous one is intact" if path.exists() else "no earlier one is there"
             raise CheckpointError(
-                f"could not write the checkpoint {path}: {str(err).strip().splitlines()[-1]}. The run stops rather than go on without checkpoints; "
-                f"{'the previous one is intact' if path.exists() else 'no earlier one is there'}. Free space or fix "
-                "the directory's permissions (trainer.default_root_dir / the logger's save_dir) and resume"
+                f"could not write the checkpoint {path}: {str(err).strip().splitlines()[-1]}. The run stops rather "
+                f"than go on without checkpoints; {previous}. Free space or fix the directory's permissions "
+                "(trainer.default_root_dir / the logger's save_dir) and resume"
             ) from err
 
     def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
@@ -88,23 +89,40 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
 def read_checkpoint(path: Path, neighbours: bool = True, **load_kwargs: Any) -> dict[str, Any]:
     """A checkpoint file read back and checked against its checksum; a file that is missing, unreadable or changed
     raises :class:`CheckpointError`, naming (``neighbours``) the newest intact checkpoint beside it."""
+    try:
+        return _read_verified(path, **load_kwargs)
+    except CheckpointError as err:
+        if not neighbours:
+            raise
+        raise CheckpointError(f"{err} {_newest_intact(path)}".rstrip()) from err.__cause__
+
+
+# (path, size, mtime) of the files whose checksum matched in this process: a resume reads its checkpoint when the
+# config is parsed and again when training restores it, and hashing a full fine-tune's state once is enough.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def _read_verified(path: Path, **load_kwargs: Any) -> dict[str, Any]:
     if not path.is_file():
-        where = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
-        raise CheckpointError(f"checkpoint {path} {where}. {_newest_intact(path) if neighbours else ''}".strip())
+        what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}.")
     try:
         if not zipfile.is_zipfile(path):  # torch.save writes zip archives; a truncated one has no central directory
             raise ValueError("not a complete zip archive, which torch.save writes")
         checkpoint = torch.load(path, **{"map_location": "cpu", **load_kwargs})
     except Exception as err:  # torch's zip and unpickling errors: a truncated or garbled file
         raise CheckpointError(f"checkpoint {path} cannot be read ({str(err).splitlines()[0]}): it is truncated or "
-                              f"corrupt. {_newest_intact(path) if neighbours else ''}".strip()) from err
+                              "corrupt.") from err
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a training checkpoint. "
-                              f"{_newest_intact(path) if neighbours else ''}".strip())
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a training checkpoint.")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     expected = checkpoint.get("integrity", {}).get("sha256")
-    if expected is not None and content_digest(checkpoint) != expected:
-        raise CheckpointError(f"checkpoint {path} does not match the checksum written with it: its content changed "
-                              f"on disk. {_newest_intact(path) if neighbours else ''}".strip())
+    if expected is not None and key not in _VERIFIED:
+        if content_digest(checkpoint) != expected:
+            raise CheckpointError(f"checkpoint {path} does not match the checksum written with it: its content "
+                                  "changed on disk.")
+        _VERIFIED.add(key)
     return checkpoint
 
 
@@ -115,7 +133,7 @@ def _newest_intact(bad: Path) -> str:
     for other in sorted((p for p in bad.parent.glob("*.ckpt") if p != bad and p.is_file()),
                         key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            read_checkpoint(other, neighbours=False, mmap=True, weights_only=True)  # each neighbour is checked, never searched from
+            _read_verified(other, mmap=True, weights_only=True)  # each neighbour is checked, never searched from
         except CheckpointError:
             continue
         return f"The newest intact checkpoint beside it is {other}: resume with --ckpt_path {other}"

@@ -95,9 +95,13 @@ def check_required_metadata(reward: Any, data: Any) -> None:
 def check_yaml_files(args: list[str]) -> None:
     """Each ``--config FILE`` parses as YAML; else an error that names the file (the parser's does not)."""
     for i, arg in enumerate(args):
-        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.partition("=")[2] \
-            if arg.startswith("--config=") else None
-        if path and Path(path).is_file():
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.partition("=")[2]
+        else:
+            continue
+        if Path(path).is_file():
             try:
                 yaml.safe_load(Path(path).read_text())
             except yaml.YAMLError as err:

@@ -14,7 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from precise_lightning.checkpoint_io import CheckpointError, read_checkpoint
 
-# Run length, how the checkpoint is read and where logs go: changed on every resume, and nothing a resumed run computes depends on them.
+# Run length, how the checkpoint is read and where logs go: changed on every resume, and nothing a resumed run
+# computes depends on them.
 NOT_COMPARED = ("ckpt_path", "weights_only", "trainer.max_steps", "trainer.max_epochs", "trainer.max_time",
                 "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
                 "trainer.default_root_dir")

@@ -139,3 +139,14 @@ def test_a_sharded_checkpoint_directory_is_read_from_its_metadata(tmp_path):
         saved_config(tmp_path)
     torch.save({"global_step": 4, "config": "model:\n  beta: 0.0\n"}, tmp_path / "meta.pt")  # as FSDP2 writes it
     assert saved_config(tmp_path) == ({"model": {"beta": 0.0}}, True)
+
+
+def test_a_file_read_once_is_checked_again_once_it_changes(tmp_path):
+    (path,) = _small_checkpoints(tmp_path, ["last.ckpt"])
+    VerifiedCheckpointIO().load_checkpoint(path)  # verified (as at parse time), then changed on disk
+    data = bytearray(path.read_bytes())
+    at = data.find(torch.zeros(64).numpy().tobytes())
+    data[at : at + 4] = torch.ones(1).numpy().tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        VerifiedCheckpointIO().load_checkpoint(path)

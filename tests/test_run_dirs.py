@@ -19,7 +19,8 @@ def test_a_second_live_fit_in_a_run_directory_is_refused_before_it_writes(tmp_pa
     (version / "config.yaml").write_text("the first run's config\n")
     held = lock_run_directory(version)  # the first run, still live
     run = cli.main(demo_args(tmp_path, "--trainer.logger.init_args.version", "0"), run=False)
-    with pytest.raises(RunDirectoryInUse, match=rf"run directory {version} is in use by a live run \(pid {os.getpid()} "):
+    holder = rf"run directory {version} is in use by a live run \(pid {os.getpid()} "
+    with pytest.raises(RunDirectoryInUse, match=holder):
         run.trainer.fit(run.model, datamodule=run.datamodule)
     assert (version / "config.yaml").read_text() == "the first run's config\n"
     assert not (version / "checkpoints").exists()
