@@ -15,7 +15,7 @@ from jsonargparse.typing import import_object
 from precise_lightning.data.prompts import read_prompts
 from precise_lightning.modules.checks import check_settings, micro_slices, refuse_float16
 
-SETTINGS = ("clip_range", "adv_clip_max", "beta", "kl_form", "std_scope", "train_fraction", "inner_epochs",
+SETTINGS = ("clip_range", "adv_clip_max", "beta", "kl_form", "kl_eta", "std_scope", "train_fraction", "inner_epochs",
             "micro_batch_size", "updates_per_rollout", "max_grad_norm", "max_bad_iterations")
 
 

@@ -89,15 +89,53 @@ def test_grpo_guard_ratio():
 
 
 def test_kl_forms_hand_computed():
-    """Each published KL on a hand-computed case: means differ by 0.3 everywhere, transition std 0.2."""
+    """Each published KL on a hand-computed case: means differ by 0.3 everywhere, transition std 0.2, and (for
+    flow_grpo) the sampler's d mean / d v equal to Flow-GRPO's own at eta 0.7, (1 + eta^2 / 2) dt."""
     mean, mean_ref, std = torch.full((2, 3, 4), 0.5), torch.full((2, 3, 4), 0.2), torch.tensor(0.2)
-    exact = kl_penalty(mean, mean_ref, std, "exact", 0.6, 0.9, eta=0.7)
+    exact = kl_penalty(mean, mean_ref, std, "exact", 0.6, 0.4, gain=-0.3)
     torch.testing.assert_close(exact, torch.full((2,), 0.09 / (2 * 0.04)))
     s_t2 = 0.7**2 * 0.6 / 0.4  # Flow-GRPO: std_dev_t = eta sqrt(t / (1 - t)) at t = 0.6, no sqrt(dt)
-    torch.testing.assert_close(kl_penalty(mean, mean_ref, std, "flow_grpo", 0.6, 0.9, 0.7), torch.full((2,), 0.09 / (2 * s_t2)))
+    own_gain = (1 + 0.7**2 / 2) * (0.4 - 0.6)
+    torch.testing.assert_close(kl_penalty(mean, mean_ref, std, "flow_grpo", 0.6, 0.4, own_gain),
+                               torch.full((2,), 0.09 / (2 * s_t2)))
+    # another sampler moving its mean twice as much per unit velocity: the same velocity gap costs a quarter
+    torch.testing.assert_close(kl_penalty(mean, mean_ref, std, "flow_grpo", 0.6, 0.4, 2 * own_gain),
+                               torch.full((2,), 0.09 / (2 * s_t2) / 4))
     s_t2_at_one = 0.7**2 * 1.0 / (1 - 0.9)  # at t = 1 the grid's second point stands in the denominator
-    torch.testing.assert_close(kl_penalty(mean, mean_ref, std, "flow_grpo", 1.0, 0.9, 0.7),
+    # there its d mean / d v is dt (the score term's (1 - t) vanishes)
+    torch.testing.assert_close(kl_penalty(mean, mean_ref, std, "flow_grpo", 1.0, 0.9, -0.1),
                                torch.full((2,), 0.09 / (2 * s_t2_at_one)))
-    torch.testing.assert_close(kl_penalty(mean, mean_ref, std, "precise", 0.6, 0.9, 0.7), torch.full((2,), 0.09))
+    torch.testing.assert_close(kl_penalty(mean, mean_ref, std, "precise", 0.6, 0.4, -0.3), torch.full((2,), 0.09))
     with pytest.raises(ValueError, match="kl_form must be one of"):
-        kl_penalty(mean, mean_ref, std, "reverse", 0.6, 0.9, 0.7)
+        kl_penalty(mean, mean_ref, std, "reverse", 0.6, 0.4, -0.3)
+
+
+def _flow_grpo_kl(x, v, v_ref, sigma, sigma_prev, sigma_max, noise_level=0.7):
+    """Flow-GRPO's KL of one step, transcribed: sd3_sde_with_logprob.py:44-50 (its mean) and train_sd3.py:895."""
+    dt = sigma_prev - sigma
+    std_dev_t = math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * noise_level
+
+    def prev_sample_mean(model_output):
+        return (x * (1 + std_dev_t**2 / (2 * sigma) * dt)
+                + model_output * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt)
+
+    return ((prev_sample_mean(v) - prev_sample_mean(v_ref)) ** 2).mean(dim=(1, 2, 3)) / (2 * std_dev_t**2)
+
+
+def test_sd35_recipe_kl_per_velocity_difference_is_flow_grpos_at_every_trained_step():
+    """The SD3.5 recipe trains with Precise (eta 1.5) at Flow-GRPO's beta 0.01: for the same v - v_ref its penalty is
+    Flow-GRPO's (eta 0.7) within 1% on every trained step of its grid (without the velocity rescaling, 0.15-0.41x)."""
+    from precise_lightning.sampling import SD3Grid, Sampler, transition, velocity_gain
+
+    sampler = Sampler("precise", eta=1.5, num_steps=10, grid=SD3Grid(shift=3.0))
+    times = sampler.timesteps.tolist()
+    gen = torch.Generator().manual_seed(0)
+    x, v = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    v_ref = v + 0.1 * torch.randn(3, 4, 8, 8, generator=gen)
+    for i in sampler.sde_steps:
+        t, t_next = times[i], times[i + 1]
+        mean, std = transition("precise", x, v, t, t_next, 1.5)
+        mean_ref, _ = transition("precise", x, v_ref, t, t_next, 1.5)
+        ours = kl_penalty(mean, mean_ref, std, "flow_grpo", t, t_next, velocity_gain("precise", t, t_next, 1.5))
+        published = _flow_grpo_kl(x, v, v_ref, t, t_next, times[1])
+        torch.testing.assert_close(ours, published, rtol=0.01, atol=0, msg=f"step {i}")

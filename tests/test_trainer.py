@@ -258,26 +258,42 @@ def test_sliding_window_moves_between_rollouts_in_fit(tmp_path, rule):
     assert run.trainer.callback_metrics["train/ratio_drift_first"] == 0
 
 
-def test_ema_follows_the_published_warm_up_keyed_to_the_optimizer_step():
-    """flow_grpo/ema.py: after optimizer step k, blend when (k + 1) % 8 == 0 with d = min((1 + k) / (10 + k), 0.9)."""
-    ema = EMA(decay=0.9, every_n_steps=8)
+@pytest.mark.parametrize("micro_batches", [8, 2], ids=["klein", "sd35"])
+def test_ema_blends_as_often_and_when_the_published_loop_does(micro_batches):
+    """The published loops (Precise rl_trainer.py:964-965, Flow-GRPO train_sd3.py:954-955) call ``ema.step(params,
+    global_step)`` after every micro-batch, and ema.py blends when ``(global_step + 1) % 8 == 0`` with
+    d = min((1 + k) / (10 + k), 0.9): a qualifying step's weights are blended once per micro-batch until the next
+    step. Klein: 8 micro-batches per optimizer step (config/flux2_klein.py:62-75), SD3.5: 2 (config/grpo.py:118-125).
+    """
     weight = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([weight], lr=1.0)
+    ema = EMA(decay=0.9, every_n_steps=8, blends_per_step=micro_batches)
+    logged = []
     module = types.SimpleNamespace(policy=types.SimpleNamespace(named_trainable_parameters=lambda: [("w", weight)],
-                                                                modules=lambda: []), log=lambda *a, **k: None)
-    trainer = types.SimpleNamespace(global_step=0)
+                                                                modules=lambda: []),
+                                   log=lambda key, value: logged.append(value))
+    trainer = types.SimpleNamespace(global_step=0, optimizers=[opt])
     ema.on_fit_start(trainer, module)
-    expected = torch.zeros(1)
-    for rollout in range(20):  # two optimizer steps per rollout, as the recipes
-        ema.on_train_batch_start(trainer)
-        trainer.global_step += 2
-        weight.data.fill_(float(trainer.global_step))
-        ema.on_train_batch_end(trainer, module)
-        for k in (trainer.global_step - 1, trainer.global_step):
-            if (k + 1) % 8 == 0:
-                d = min((1 + k) / (10 + k), 0.9)
-                expected = d * expected + (1 - d) * trainer.global_step
-    torch.testing.assert_close(ema.shadow["w"], expected)
-    assert ema.num_updates == 5 and [ema.current_decay(k) for k in (7, 15, 80)] == [8 / 17, 16 / 25, 0.9]
+    ema.on_train_start(trainer, module)
+    published, global_step, published_w = torch.zeros(1), 0, 0.0
+    for epoch in range(12):  # two optimizer steps per epoch, as both recipes
+        for i in range(2 * micro_batches):
+            if (i + 1) % micro_batches == 0:  # the accumulation group's last micro-batch steps the optimizer
+                weight.grad = -torch.ones(1) * (global_step + 1)  # the weight moves differently at every step
+                opt.step()  # our blend runs in the optimizer's post-hook
+                trainer.global_step += 1
+                global_step += 1
+                published_w += global_step
+            if (global_step + 1) % 8 == 0:  # ema.py step(), transcribed
+                d = min((1 + global_step) / (10 + global_step), 0.9)
+                published = published + (1 - d) * (published_w - published)
+        torch.testing.assert_close(ema.shadow["w"], published, rtol=1e-6, atol=0)  # at every rollout's end
+    ema.on_train_end(trainer, module)
+    assert ema.num_updates == 3  # steps 7, 15, 23
+    assert logged == pytest.approx([(8 / 17) ** micro_batches, (16 / 25) ** micro_batches, (24 / 33) ** micro_batches])
+    weight.grad = torch.ones(1)
+    opt.step()  # hooks are removed when training ends
+    assert ema.num_updates == 3
 
 
 def test_named_evaluation_readings_are_logged_side_by_side(tmp_path):

@@ -14,26 +14,34 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.hooks import RemovableHandle
 
 
 class EMA(Callback):
-    """shadow <- d shadow + (1 - d) w after optimizer step k (k optimizer steps done) whenever
+    """shadow <- d shadow + (1 - d) w right after optimizer step k (k optimizer steps done) whenever
     ``(k + 1) % every_n_steps == 0``, with d = min((1 + k) / (10 + k), decay) when ``warmup`` (else ``decay``): the
-    schedule of Flow-GRPO's and the Precise code's ``ema.py`` (``step(parameters, global_step)``). Those call it once
-    per micro-batch and trained step, so they blend the same weights several times while k stays a qualifying step;
-    this blends once per qualifying step (a repeated blend of unchanged weights only raises the effective weight of
-    the newest copy)."""
+    schedule of Flow-GRPO's and the Precise code's ``ema.py`` (``step(parameters, global_step)``).
 
-    def __init__(self, decay: float = 0.9, every_n_steps: int = 8, warmup: bool = True) -> None:
+    Those call the blend once per micro-batch, so a qualifying step's weights are blended once for each micro-batch
+    until the next optimizer step: ``blends_per_step`` times (their micro-batches per optimizer step; Precise's
+    Klein recipe 8, Flow-GRPO's SD3.5 recipe 2), i.e. one blend with d ** blends_per_step. The blend runs in the
+    optimizer's step post-hook, so it sees the weights of that step, as theirs does, not those at the rollout's end.
+    """
+
+    def __init__(self, decay: float = 0.9, every_n_steps: int = 8, warmup: bool = True,
+                 blends_per_step: int = 1) -> None:
         super().__init__()
         if not 0 <= decay < 1:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if blends_per_step < 1:
+            raise ValueError(f"blends_per_step must be >= 1, got {blends_per_step}")
         self.decay, self.every_n_steps, self.warmup = decay, every_n_steps, warmup
+        self.blends_per_step = blends_per_step
         self.shadow: dict[str, torch.Tensor] = {}
         self.num_updates = 0
-        self._last_step = 0
+        self._hooks: list[RemovableHandle] = []
 
     def _params(self, pl_module: LightningModule) -> dict[str, torch.nn.Parameter]:
         """The trainable weights, with each shadow laid out like its weight (device, and shards under FSDP2)."""
@@ -57,17 +65,28 @@ class EMA(Callback):
         if not self.shadow:  # else restored from a checkpoint (sharded strategies restore after this hook)
             self.shadow = {n: p.detach().clone() for n, p in pl_module.policy.named_trainable_parameters()}
 
-    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-        self._last_step = trainer.global_step
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._hooks = [opt.register_step_post_hook(lambda *_: self.after_optimizer_step(trainer, pl_module))
+                       for opt in trainer.optimizers]
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
 
     @torch.no_grad()
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        # A rollout takes several optimizer steps: blend if one of them qualifies, with that step's decay, the weights
-        # being those after the rollout's last step (the published code blends those after the qualifying step).
-        due = [k for k in range(self._last_step + 1, trainer.global_step + 1) if (k + 1) % self.every_n_steps == 0]
-        if not due:
+    def after_optimizer_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Blend if the step just taken qualifies (Lightning counts it in ``global_step`` after this hook)."""
+        k = trainer.global_step + 1
+        if (k + 1) % self.every_n_steps:
             return
-        d = self.current_decay(due[-1])
+        d = self.current_decay(k) ** self.blends_per_step
         for name, p in self._params(pl_module).items():
             self.shadow[name].lerp_(p.detach(), 1 - d)
         self.num_updates += 1

@@ -20,6 +20,7 @@ def check_settings(**settings: Any) -> None:
         "adv_clip_max": (lambda v: v > 0, "> 0"),
         "beta": (lambda v: v >= 0, ">= 0"),
         "kl_form": (lambda v: v in KL_FORMS, f"one of {list(KL_FORMS)}"),
+        "kl_eta": (lambda v: v > 0, "> 0"),
         "std_scope": (lambda v: v in ("group", "global"), "'group' or 'global'"),
         "train_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
         "inner_epochs": (lambda v: v >= 1, ">= 1"),

@@ -58,6 +58,8 @@ class GRPOModule(Evaluation, PPOUpdate):
         kl_form: which KL ``beta`` weighs: ``exact`` (the two Gaussian transitions' KL), ``flow_grpo`` (over the
             SDE's diffusion coefficient, Flow-GRPO's SD3.5 recipe) or ``precise`` (the squared mean distance, the
             Precise code's); see :func:`precise_lightning.modules.losses.kl_penalty`.
+        kl_eta: the noise level of Flow-GRPO's SDE at which ``kl_form: flow_grpo`` takes its strength per unit
+            velocity difference (0.7, its SD3.5 recipe's), whatever the training sampler.
         std_scope: advantage normaliser, ``group`` (per-prompt std) or ``global`` (std over all ranks' rewards).
         train_fraction: share of the sampler's stochastic steps trained per iteration, a random subset if < 1.
         inner_epochs: passes over each rollout.
@@ -93,6 +95,7 @@ class GRPOModule(Evaluation, PPOUpdate):
         adv_clip_max: float = 5.0,
         beta: float = 0.0,
         kl_form: str = "exact",
+        kl_eta: float = 0.7,
         std_scope: str = "group",
         train_fraction: float = 1.0,
         inner_epochs: int = 1,
@@ -120,7 +123,7 @@ class GRPOModule(Evaluation, PPOUpdate):
             s.for_policy(policy)  # a sampler without a grid samples on the policy's own
         self.sampler.check_trainable()
         self.sampler.warn_if_swamped()
-        check_settings(clip_range=clip_range, adv_clip_max=adv_clip_max, beta=beta, kl_form=kl_form,
+        check_settings(clip_range=clip_range, adv_clip_max=adv_clip_max, beta=beta, kl_form=kl_form, kl_eta=kl_eta,
                        std_scope=std_scope, train_fraction=train_fraction, inner_epochs=inner_epochs,
                        micro_batch_size=micro_batch_size, updates_per_rollout=updates_per_rollout,
                        max_grad_norm=max_grad_norm, max_bad_iterations=max_bad_iterations)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from precise_lightning.sampling.rules import reduce_elements
+from precise_lightning.sampling.rules import reduce_elements, velocity_gain
 
 
 def group_advantages(
@@ -60,22 +59,30 @@ def kl_to_reference(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
 KL_FORMS = ("exact", "flow_grpo", "precise")
 
 
-def kl_penalty(mean: Tensor, mean_ref: Tensor, std: Tensor, form: str, t: float, t_second: float, eta: float) -> Tensor:
-    """The KL term [B] of one step ``t -> t'`` between the policy's and the reference's transition means [B, ...].
+def kl_penalty(
+    mean: Tensor, mean_ref: Tensor, std: Tensor, form: str, t: float, t_next: float, gain: float,
+    flow_grpo_eta: float = 0.7,
+) -> Tensor:
+    """The KL term [B] of one step ``t -> t'`` between the policy's and the reference's transition means [B, ...];
+    ``gain`` is the sampler's d mean / d v there, so ``(mean - mean_ref) / gain`` is the velocity difference.
 
     - ``exact``: the KL of the two Gaussian transitions, ``mean((mean - mean_ref)^2) / (2 std^2)`` (mean over elements).
-    - ``flow_grpo``: Flow-GRPO's (``sd3_sde_with_logprob.py``, ``train_sd3.py``), the same squared distance over
-      ``2 s_t^2`` with the SDE's diffusion coefficient ``s_t = eta sqrt(t / (1 - t))`` (no ``sqrt(dt)``; at t = 1 the
-      grid's second point ``t_second`` stands in the denominator), so its strength does not follow the step size.
-    - ``precise``: the Precise code's ``mean((mean - mean_ref)^2)``, no division.
+    - ``flow_grpo``: Flow-GRPO's penalty for the same velocity difference, whatever the sampler: its KL
+      (``train_sd3.py:895``) ``mean((m - m_ref)^2) / (2 s_t^2)`` of its own SDE's means at ``flow_grpo_eta``
+      (``sd3_sde_with_logprob.py:47-50``: ``m - m_ref = c (v - v_ref)`` with ``c`` its d mean / d v and
+      ``s_t = eta sqrt(t / (1 - t))``, the grid's second point standing for t in ``1 - t`` at t = 1). Under its
+      sampler at its eta (flow_sde, 0.7) this is its KL exactly; under another, beta means what it means there.
+    - ``precise``: the Precise code's ``mean((mean - mean_ref)^2)``, no division (``rl_trainer.py:901-904``).
     """
     if form == "exact":
         return kl_to_reference(mean, mean_ref, std)
+    sq = reduce_elements(((mean - mean_ref) ** 2).float())
     if form == "flow_grpo":
-        s_t = eta * math.sqrt(t / (1 - (t_second if t == 1 else t)))
-        return reduce_elements(((mean - mean_ref) ** 2).float()) / (2 * s_t**2)
+        c = velocity_gain("flow_sde", t, t_next, flow_grpo_eta)  # its t_at_one default: the grid's second point
+        s2 = flow_grpo_eta**2 * t / (1 - (t_next if t == 1 else t))
+        return sq * (c / gain) ** 2 / (2 * s2)
     if form == "precise":
-        return reduce_elements(((mean - mean_ref) ** 2).float())
+        return sq
     raise ValueError(f"kl_form must be one of {list(KL_FORMS)}, got {form!r}")
 
 

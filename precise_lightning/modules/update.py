@@ -146,13 +146,12 @@ class PPOUpdate(LightningModule):
             log_ratio = out.log_prob - old_log_prob
         ppo = ppo_policy_loss(log_ratio, advantages, hp.clip_range)
         loss = ppo.loss
+        gain = velocity_gain(self.sampler.rule, t, t_next, self.sampler.eta, self.sampler.previous_time(i))
         if hp.ratio_norm:
-            gain = velocity_gain(self.sampler.rule, t, t_next, self.sampler.eta, self.sampler.previous_time(i))
             loss = loss / abs(gain)
         kl = torch.zeros((), device=x.device)
         if hp.beta > 0:
-            t_second = float(self.sampler.timesteps[1])
-            kl = kl_penalty(out.mean, mean_ref, out.std, hp.kl_form, t, t_second, self.sampler.eta).mean()
+            kl = kl_penalty(out.mean, mean_ref, out.std, hp.kl_form, t, t_next, gain, hp.kl_eta).mean()
             loss = loss + hp.beta * kl
         return {
             "loss": loss,
