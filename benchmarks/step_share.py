@@ -1,6 +1,7 @@
 """Which trained step drives the update? Each step's share of the gradient norm on the tiny SD3.5 recipe (the
 recipe's 10-step shift-3 grid, guidance, LoRA and KL, with tiny random weights), with and without GRPO-Guard
-ratio normalisation, for Precise, CPS and Flow-GRPO's SDE, beside the closed-form ``|d mean / d v| / std`` of each
+ratio normalisation (and for CPS with its code's undivided log-prob, ``log_prob_form: cps``), for Precise, CPS
+and Flow-GRPO's SDE, beside the closed-form ``|d mean / d v| / std`` of each
 step, which sets how strongly a mean-reduced log-prob reacts to the velocity there.
 
     python benchmarks/step_share.py            # about 1 min on 2 CPU cores
@@ -28,11 +29,19 @@ SAMPLERS = {"precise": 1.5, "cps": 0.7, "flow_sde": 0.7}
 PROMPTS = ["a red cube on a wooden table", "a photo of a cat wearing a small hat"]
 
 
-def step_norms(root: Path, rule: str, eta: float, ratio_norm: bool, seed: int) -> dict[int, float]:
+# The PPO ratio each column takes: plain Gaussian, GRPO-Guard's, and (CPS only) the CPS code's undivided log-prob.
+VARIANTS = {
+    "plain": ["--model.ratio_norm", "false"],
+    "ratio-normalised": ["--model.ratio_norm", "true"],
+    "CPS code's log-prob": ["--model.ratio_norm", "false", "--model.log_prob_form", "cps"],
+}
+
+
+def step_norms(root: Path, rule: str, eta: float, variant: list[str], seed: int) -> dict[int, float]:
     """Gradient norm of the LoRA weights from each trained step's loss alone, at the first update of a rollout."""
     run = cli.main(["--config", "configs/sd35_precise.yaml", "--config", "configs/tiny_cpu.yaml", "--model_root",
                     str(root), "--model.sampler.init_args.rule", rule, "--model.sampler.init_args.eta", str(eta),
-                    "--model.ratio_norm", str(ratio_norm).lower(), "--trainer.logger", "false"], run=False)
+                    *variant, "--trainer.logger", "false"], run=False)
     module = run.model
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -66,19 +75,21 @@ def main() -> None:
         root = write_tiny(Path(tmp) / "tiny")
         for rule, eta in SAMPLERS.items():
             shares = {}
-            for ratio_norm in (False, True):
-                norms, times = step_norms(root, rule, eta, ratio_norm, args.seed)
+            for name, variant in VARIANTS.items():
+                if "log_prob_form" in " ".join(variant) and rule != "cps":
+                    continue
+                norms, times = step_norms(root, rule, eta, variant, args.seed)
                 total = sum(norms.values())
-                shares[ratio_norm] = {i: n / total for i, n in norms.items()}
+                shares[name] = {i: n / total for i, n in norms.items()}
             print(f"\n{rule} (eta {eta}), tiny SD3.5 recipe, 10 steps, shift 3")
-            print("| step | t -> t' | \\|d mean / d v\\| / std | share, plain | share, ratio-normalised |")
-            print("|---|---|---|---|---|")
-            for i in shares[False]:
+            print("| step | t -> t' | \\|d mean / d v\\| / std | " + " | ".join(f"share, {n}" for n in shares) + " |")
+            print("|---|---|---|" + "---|" * len(shares))
+            for i in shares["plain"]:
                 t, t_next = float(times[i]), float(times[i + 1])
                 std = float(torch.as_tensor(_std(rule, t, t_next, eta)))
                 gain = abs(velocity_gain(rule, t, t_next, eta))
-                print(f"| {i} | {t:.3f} -> {t_next:.4f} | {gain / std:.2f} | {shares[False][i]:.3f} | "
-                      f"{shares[True][i]:.3f} |")
+                print(f"| {i} | {t:.3f} -> {t_next:.4f} | {gain / std:.2f} | "
+                      + " | ".join(f"{share[i]:.3f}" for share in shares.values()) + " |")
 
 
 def _std(rule: str, t: float, t_next: float, eta: float) -> torch.Tensor:

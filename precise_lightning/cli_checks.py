@@ -15,8 +15,9 @@ from jsonargparse.typing import import_object
 from precise_lightning.data.prompts import read_prompts
 from precise_lightning.modules.checks import check_settings, micro_slices, refuse_float16
 
-SETTINGS = ("clip_range", "adv_clip_max", "beta", "kl_form", "kl_eta", "std_scope", "train_fraction", "inner_epochs",
-            "micro_batch_size", "updates_per_rollout", "max_grad_norm", "max_bad_iterations")
+SETTINGS = ("clip_range", "adv_clip_max", "beta", "kl_form", "kl_eta", "log_prob_form", "ratio_norm", "std_scope",
+            "train_fraction", "inner_epochs", "micro_batch_size", "updates_per_rollout", "max_grad_norm",
+            "max_bad_iterations")
 
 
 def check_config(subcommand: str | None, config: Any) -> None:

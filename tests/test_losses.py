@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from precise_lightning.modules.losses import (
+    cps_log_ratio,
     flat_groups,
     group_advantages,
     grpo_guard_log_ratio,
@@ -139,3 +140,16 @@ def test_sd35_recipe_kl_per_velocity_difference_is_flow_grpos_at_every_trained_s
         ours = kl_penalty(mean, mean_ref, std, "flow_grpo", t, t_next, velocity_gain("precise", t, t_next, 1.5))
         published = _flow_grpo_kl(x, v, v_ref, t, t_next, times[1])
         torch.testing.assert_close(ours, published, rtol=0.01, atol=0, msg=f"step {i}")
+
+
+@pytest.mark.parametrize("per_sample_std", [False, True])
+def test_cps_log_ratio_is_the_ratio_of_the_cps_codes_undivided_log_prob(per_sample_std):
+    """FlowCPS sd3_sde_with_logprob.py:66-70: log_prob = -mean((x' - mean)^2), no 1/(2 std^2), no log std."""
+    from precise_lightning.sampling import gaussian_log_prob
+
+    gen = torch.Generator().manual_seed(3)
+    x_next, mean, old_mean = (torch.randn(4, 2, 3, 3, generator=gen) for _ in range(3))
+    std = torch.tensor([0.3, 0.1, 0.05, 0.2]).reshape(4, 1, 1, 1) if per_sample_std else torch.tensor(0.3)
+    published = -((x_next - mean) ** 2).mean(dim=(1, 2, 3)) + ((x_next - old_mean) ** 2).mean(dim=(1, 2, 3))
+    ours = cps_log_ratio(gaussian_log_prob(x_next, mean, std), gaussian_log_prob(x_next, old_mean, std), std)
+    torch.testing.assert_close(ours, published, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from precise_lightning.modules.losses import KL_FORMS
+from precise_lightning.modules.losses import KL_FORMS, LOG_PROB_FORMS
 
 
 def check_settings(**settings: Any) -> None:
@@ -21,6 +21,8 @@ def check_settings(**settings: Any) -> None:
         "beta": (lambda v: v >= 0, ">= 0"),
         "kl_form": (lambda v: v in KL_FORMS, f"one of {list(KL_FORMS)}"),
         "kl_eta": (lambda v: v > 0, "> 0"),
+        "log_prob_form": (lambda v: v in LOG_PROB_FORMS, f"one of {list(LOG_PROB_FORMS)}"),
+        "ratio_norm": (lambda v: isinstance(v, bool), "true or false"),
         "std_scope": (lambda v: v in ("group", "global"), "'group' or 'global'"),
         "train_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
         "inner_epochs": (lambda v: v >= 1, ">= 1"),
@@ -33,6 +35,9 @@ def check_settings(**settings: Any) -> None:
         ok, wanted = rules[name]
         if not ok(value):
             raise ValueError(f"model.{name} must be {wanted}, got {value!r}")
+    if settings.get("ratio_norm") and settings.get("log_prob_form", "gaussian") != "gaussian":
+        raise ValueError(f"model.log_prob_form {settings['log_prob_form']!r} sets the PPO ratio, which "
+                         "model.ratio_norm replaces by its own: set one of them (ratio_norm false for the CPS code's)")
 
 
 def micro_slices(batch_size: int, micro_batch_size: int | None, updates_per_rollout: int) -> list[slice]:

@@ -60,6 +60,10 @@ class GRPOModule(Evaluation, PPOUpdate):
             Precise code's); see :func:`precise_lightning.modules.losses.kl_penalty`.
         kl_eta: the noise level of Flow-GRPO's SDE at which ``kl_form: flow_grpo`` takes its strength per unit
             velocity difference (0.7, its SD3.5 recipe's), whatever the training sampler.
+        log_prob_form: the log-probability the PPO ratio is taken of: ``gaussian`` (the transition's, every
+            published sampler's but CPS's) or ``cps`` (the CPS code's ``-mean((x' - mean)^2)``: ratio
+            ``exp(2 std^2 (lp - lp_old))``, see :func:`~precise_lightning.modules.losses.cps_log_ratio`); not with
+            ``ratio_norm``, which replaces the ratio by its own.
         std_scope: advantage normaliser, ``group`` (per-prompt std) or ``global`` (std over all ranks' rewards).
         train_fraction: share of the sampler's stochastic steps trained per iteration, a random subset if < 1.
         inner_epochs: passes over each rollout.
@@ -96,6 +100,7 @@ class GRPOModule(Evaluation, PPOUpdate):
         beta: float = 0.0,
         kl_form: str = "exact",
         kl_eta: float = 0.7,
+        log_prob_form: str = "gaussian",
         std_scope: str = "group",
         train_fraction: float = 1.0,
         inner_epochs: int = 1,
@@ -124,6 +129,7 @@ class GRPOModule(Evaluation, PPOUpdate):
         self.sampler.check_trainable()
         self.sampler.warn_if_swamped()
         check_settings(clip_range=clip_range, adv_clip_max=adv_clip_max, beta=beta, kl_form=kl_form, kl_eta=kl_eta,
+                       log_prob_form=log_prob_form, ratio_norm=ratio_norm,
                        std_scope=std_scope, train_fraction=train_fraction, inner_epochs=inner_epochs,
                        micro_batch_size=micro_batch_size, updates_per_rollout=updates_per_rollout,
                        max_grad_norm=max_grad_norm, max_bad_iterations=max_bad_iterations)

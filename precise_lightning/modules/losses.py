@@ -93,6 +93,17 @@ def grpo_guard_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, o
     return (log_prob - old_log_prob + shift) * std_per_sample
 
 
+LOG_PROB_FORMS = ("gaussian", "cps")
+
+
+def cps_log_ratio(log_prob: Tensor, old_log_prob: Tensor, std: Tensor) -> Tensor:
+    """The CPS code's log-ratio [B] from Gaussian log-probs [B]: its log-prob is ``-mean((x' - mean)^2)``, without
+    ``1 / (2 std^2)`` or ``log std`` (FlowCPS ``sd3_sde_with_logprob.py:66-70``), which is ``2 std^2`` times the
+    Gaussian one plus a constant, so its ratio is ``exp(2 std^2 (lp - lp_old))``."""
+    std = std.float().reshape(-1)  # a step's std is one number per step (0-d) or per sample ([B, 1, ...])
+    return 2 * std**2 * (log_prob - old_log_prob)
+
+
 def ppo_policy_loss(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> PolicyLossOutput:
     """PPO-clipped surrogate (arXiv 1707.06347 eq. 7) on per-sample log-ratios [B] and advantages [B]."""
     ratio = torch.exp(log_ratio)

@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from precise_lightning.modules.checks import update_groups, update_plan
-from precise_lightning.modules.losses import grpo_guard_log_ratio, kl_penalty, ppo_policy_loss
+from precise_lightning.modules.losses import cps_log_ratio, grpo_guard_log_ratio, kl_penalty, ppo_policy_loss
 from precise_lightning.modules.policy import slice_cond
 from precise_lightning.modules.run_state import derived_seed
 from precise_lightning.sampling import Trajectory, velocity_gain
@@ -142,6 +142,8 @@ class PPOUpdate(LightningModule):
         old_log_prob = traj.log_probs[:, k]
         if hp.ratio_norm:
             log_ratio = grpo_guard_log_ratio(out.log_prob, old_log_prob, out.mean, traj.means[k], out.std)
+        elif hp.log_prob_form == "cps":
+            log_ratio = cps_log_ratio(out.log_prob, old_log_prob, out.std)
         else:
             log_ratio = out.log_prob - old_log_prob
         ppo = ppo_policy_loss(log_ratio, advantages, hp.clip_range)
