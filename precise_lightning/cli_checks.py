@@ -16,7 +16,7 @@ from precise_lightning.data.prompts import read_prompts
 from precise_lightning.modules.checks import check_settings, micro_slices, refuse_float16
 
 SETTINGS = ("clip_range", "adv_clip_max", "beta", "kl_form", "kl_eta", "log_prob_form", "ratio_norm", "std_scope",
-            "train_fraction", "inner_epochs", "micro_batch_size", "updates_per_rollout", "max_grad_norm",
+            "std_eps", "train_fraction", "inner_epochs", "micro_batch_size", "updates_per_rollout", "max_grad_norm",
             "max_bad_iterations")
 
 

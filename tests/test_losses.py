@@ -153,3 +153,15 @@ def test_cps_log_ratio_is_the_ratio_of_the_cps_codes_undivided_log_prob(per_samp
     published = -((x_next - mean) ** 2).mean(dim=(1, 2, 3)) + ((x_next - old_mean) ** 2).mean(dim=(1, 2, 3))
     ours = cps_log_ratio(gaussian_log_prob(x_next, mean, std), gaussian_log_prob(x_next, old_mean, std), std)
     torch.testing.assert_close(ours, published, rtol=1e-5, atol=1e-6)
+
+
+def test_unbiased_group_std_is_dancegrpos():
+    """DanceGRPO train_grpo_flux.py:537-543: (r - group mean) / (group_rewards.std() + 1e-8), torch's unbiased std."""
+    rewards = torch.tensor([0.2, 0.9, 0.4, 0.4, 1.0, 3.0, 2.5, 0.5])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    published = torch.cat([(g - g.mean()) / (g.std() + 1e-8) for g in rewards.split(4)])
+    ours = group_advantages(rewards, groups, eps=1e-8, unbiased=True)
+    torch.testing.assert_close(ours, published)
+    assert not torch.allclose(group_advantages(rewards, groups, eps=1e-8), published)  # the population std differs
+    flat = group_advantages(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([0, 0, 1]), eps=1e-8, unbiased=True)
+    assert torch.equal(flat, torch.zeros(3))  # a flat group and a group of one: no signal, no NaN

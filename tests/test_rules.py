@@ -223,3 +223,54 @@ def test_bad_arguments_are_rejected():
         transition("precise", x, v, 0.4, 0.5)
     with pytest.raises(ValueError, match="reduce must be"):
         gaussian_log_prob(x, x, 1.0, reduce="max")
+
+
+def _precise_code_step(x, v, sigma, next_sigma, sigma_max, eta, sde_type):
+    """The Precise code's transition, transcribed: compute_std_dev_t (sde_with_logprob.py:53-83, std clamped to
+    1e-6) and the mean (sde_with_logprob.py:157-168)."""
+    dt = next_sigma - sigma
+    if sde_type == "dance_grpo":
+        std = eta * math.sqrt(-dt)
+    elif sde_type == "flow_grpo":
+        std = math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * eta * math.sqrt(-dt)
+    elif sde_type == "cps":
+        std = next_sigma * math.sin(eta * math.pi / 2)
+    elif sde_type == "precise":
+        ratio = (next_sigma * (1 - sigma)) / (sigma * (1 - next_sigma))
+        std = next_sigma * math.sqrt(1 - ratio ** (eta**2))
+    std = max(std, 1e-6)
+    x0 = x - sigma * v
+    if sde_type in ("flow_grpo", "dance_grpo"):
+        score = -(x - x0 * (1 - sigma)) / sigma**2
+        return x + dt * v + 0.5 * std**2 * score, std
+    return x0 * (1 - next_sigma) + (x + v * (1 - sigma)) * math.sqrt(max(next_sigma**2 - std**2, 0)), std
+
+
+@pytest.mark.parametrize("rule,sde_type,eta", [("flow_sde", "flow_grpo", 0.7), ("dance_sde", "dance_grpo", 0.3),
+                                               ("cps", "cps", 0.7), ("precise", "precise", 1.5)])
+def test_rules_equal_the_precise_codes_on_the_klein_grid_last_step_included(rule, sde_type, eta):
+    """Every step of the Klein recipe's grid (20 steps at 1024 latent tokens), the last one too: the Precise code
+    samples it with its rule (flow_grpo std 0.21, dance_grpo 0.15 from t 0.263), which ``stochastic_last_step``
+    reproduces; where our std is 0 its clamp leaves 1e-6."""
+    from precise_lightning.sampling import Flux2Grid, Sampler
+
+    sampler = Sampler(rule, eta=eta, num_steps=20, grid=Flux2Grid(1024), stochastic_last_step=True)
+    times = sampler.timesteps.tolist()
+    x, v = _xv()
+    for i in range(20):
+        mean, std = transition(rule, x, v, times[i], times[i + 1], eta)
+        ref_mean, ref_std = _precise_code_step(x, v, times[i], times[i + 1], times[1], eta, sde_type)
+        torch.testing.assert_close(mean, ref_mean, msg=f"step {i}")
+        assert float(std) == pytest.approx(ref_std, rel=1e-9, abs=1.1e-6), i
+    last_std = {"flow_sde": 0.215, "dance_sde": 0.154}.get(rule, 0.0)
+    assert float(transition(rule, x, v, times[19], 0.0, eta)[1]) == pytest.approx(last_std, abs=5e-4)
+    net = lambda x, t: 0.1 * x  # noqa: E731
+    noise = torch.randn(64, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    traj = sampler.sample(net, noise, generator=torch.Generator().manual_seed(2))
+    x_last = traj.latents[-2]
+    gap = traj.latents[-1] - transition(rule, x_last, net(x_last, None), times[19], 0.0, eta)[0]  # the noise drawn
+    assert traj.sde_steps == list(range(19))  # the last step is sampled, never trained
+    if last_std:
+        assert 0.85 < float(gap.std()) / last_std < 1.15 and abs(float(gap.mean())) < 0.2 * last_std
+    else:
+        assert float(gap.abs().max()) == 0.0

@@ -219,9 +219,13 @@ def test_train_fraction_picks_a_sorted_random_subset(tmp_path):
         module.rollouts = rollout
         picks.append(module.trained_steps(list(range(9))))
         assert module.trained_steps(list(range(9))) == picks[-1]  # a function of (seed, rollout): same on every rank
-    assert all(len(p) == 5 and p == sorted(p) and set(p) <= set(range(9)) for p in picks)
+    assert all(len(p) == 4 and p == sorted(p) and set(p) <= set(range(9)) for p in picks)  # int(0.5 x 9)
     assert len({tuple(p) for p in picks}) > 1
     assert _module(tmp_path).trained_steps([0, 1, 2]) == [0, 1, 2]
+    # DanceGRPO's FLUX script: 16 steps, the last ignored, --timestep_fraction 0.6 -> int(15 x 0.6) = 9 trained
+    # (finetune_flux_grpo.sh:45,55-56, train_grpo_flux.py:570)
+    dance = _module(tmp_path, sampler=Sampler("dance_sde", num_steps=16), train_fraction=0.6)
+    assert len(dance.trained_steps(list(range(15)))) == 9
 
 
 def test_resume_from_checkpoint_continues_where_it_stopped(tmp_path):
@@ -387,3 +391,29 @@ def test_user_errors_print_one_message_without_a_traceback_and_abbreviations_are
     err = capsys.readouterr().err.strip().splitlines()  # the error and where the options are, not the usage block
     assert len(err) == 2 and err[0].endswith("fit --help") and err[1] == "error: unrecognized arguments: " \
         "--model.clip_rang 0.1", err
+
+
+def test_same_noise_per_group_starts_a_group_from_one_noise(tmp_path):
+    """DanceGRPO's --init_same_noise (train_grpo_flux.py:333-350): one initial noise per prompt's group; the later
+    steps' noise still differs per image, so the group's images differ."""
+    run = cli.main(demo_args(tmp_path, "--model.same_noise_per_group", "true", "--trainer.max_steps", "2"), run=False)
+    seen = []
+    rollout = run.model.rollout
+
+    def recording(cond, noise, *args, **kwargs):
+        trajectories, images = rollout(cond, noise, *args, **kwargs)
+        seen.append((noise, torch.cat([t.latents[-1] for t in trajectories])))
+        return trajectories, images
+
+    run.model.rollout = recording
+    groups = []
+    on_batch = run.model.training_step
+    run.model.training_step = lambda batch, *a: groups.append(batch["group_ids"]) or on_batch(batch, *a)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    (noise, final), group_ids = seen[0], groups[0]
+    for g in group_ids.unique():
+        rows = (group_ids == g).nonzero().flatten()
+        assert len(rows) > 1 and all(torch.equal(noise[rows[0]], noise[r]) for r in rows)
+        assert not torch.equal(final[rows[0]], final[rows[1]])
+    other = (group_ids != group_ids[0]).nonzero()[0]
+    assert not torch.equal(noise[0], noise[other].squeeze(0))  # another group, another noise

@@ -24,6 +24,7 @@ def check_settings(**settings: Any) -> None:
         "log_prob_form": (lambda v: v in LOG_PROB_FORMS, f"one of {list(LOG_PROB_FORMS)}"),
         "ratio_norm": (lambda v: isinstance(v, bool), "true or false"),
         "std_scope": (lambda v: v in ("group", "global"), "'group' or 'global'"),
+        "std_eps": (lambda v: v > 0, "> 0"),
         "train_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
         "inner_epochs": (lambda v: v >= 1, ">= 1"),
         "micro_batch_size": (lambda v: v is None or v >= 1, ">= 1 (or null: the whole batch)"),

@@ -6,7 +6,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -47,10 +47,12 @@ class GRPOModule(Evaluation, PPOUpdate):
         policy: the model (``class_path`` of a :class:`Policy`).
         sampler: the stochastic policy used for rollouts and re-scoring (default: Precise, 10 steps).
         eval_sampler: sampler for evaluation, logged as ``eval/reward``, ``eval/reward_<component>`` and
-            ``eval/<metric>`` (default: ODE with the training sampler's grid and step count).
+            ``eval/<metric>`` (default: ODE with the training sampler's grid and step count); ``training``: the
+            training sampler itself, so an overlay that changes the sampler changes the evaluation with it (the
+            Precise code evaluates each compared sampler with its own SDE).
         extra_eval_samplers: further named readings of the same evaluation (same prompts, same initial noise, EMA
-            weights), each logged under ``eval/<name>/`` (e.g. ``{sde: <the training sampler>}`` beside an ODE
-            ``eval_sampler``: the two readings can rank samplers differently).
+            weights), each logged under ``eval/<name>/`` (e.g. ``{sde: training}``, the training sampler, beside
+            an ODE ``eval_sampler``: the two readings can rank samplers differently).
         optimizer: optimizer over the trainable weights (LoRA adapters or the whole denoiser).
         clip_range: PPO ratio clip (1e-4 Flow-GRPO SD3.5; 4e-6 Precise FLUX.2, with mean-reduced log-probs).
         adv_clip_max: advantages are clipped to +-adv_clip_max.
@@ -65,7 +67,13 @@ class GRPOModule(Evaluation, PPOUpdate):
             ``exp(2 std^2 (lp - lp_old))``, see :func:`~precise_lightning.modules.losses.cps_log_ratio`); not with
             ``ratio_norm``, which replaces the ratio by its own.
         std_scope: advantage normaliser, ``group`` (per-prompt std) or ``global`` (std over all ranks' rewards).
-        train_fraction: share of the sampler's stochastic steps trained per iteration, a random subset if < 1.
+        std_unbiased: that std with Bessel's correction (DanceGRPO's) instead of the population one (Flow-GRPO's
+            and the Precise code's).
+        std_eps: added to that std (1e-4: Flow-GRPO's and the Precise code's; DanceGRPO's 1e-8).
+        same_noise_per_group: every image of a prompt's group starts from the same initial noise (DanceGRPO's
+            ``--init_same_noise``); the noise of later steps still differs per image.
+        train_fraction: share of the sampler's stochastic steps trained per iteration, a random subset if < 1
+            (``int(train_fraction * steps)`` of them, DanceGRPO's count).
         inner_epochs: passes over each rollout.
         micro_batch_size: samples per forward / backward (rollout uses the same split, so numerics match).
         updates_per_rollout: optimizer steps per inner epoch; gradients accumulate over steps and micro-batches
@@ -92,8 +100,8 @@ class GRPOModule(Evaluation, PPOUpdate):
         self,
         policy: Policy,
         sampler: Sampler | None = None,
-        eval_sampler: Sampler | None = None,
-        extra_eval_samplers: dict[str, Sampler] | None = None,
+        eval_sampler: Sampler | Literal["training"] | None = None,
+        extra_eval_samplers: dict[str, Sampler | Literal["training"]] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         clip_range: float = 1e-4,
         adv_clip_max: float = 5.0,
@@ -102,6 +110,9 @@ class GRPOModule(Evaluation, PPOUpdate):
         kl_eta: float = 0.7,
         log_prob_form: str = "gaussian",
         std_scope: str = "group",
+        std_unbiased: bool = False,
+        std_eps: float = 1e-4,
+        same_noise_per_group: bool = False,
         train_fraction: float = 1.0,
         inner_epochs: int = 1,
         micro_batch_size: int | None = None,
@@ -118,8 +129,9 @@ class GRPOModule(Evaluation, PPOUpdate):
         self.sampler = sampler if sampler is not None else Sampler()
         if not self.sampler.sde_steps:
             raise ValueError(f"the training sampler must be stochastic, got {self.sampler}: use e.g. rule 'precise'")
-        self.eval_sampler = eval_sampler or Sampler("ode", num_steps=self.sampler.num_steps, grid=self.sampler.grid)
-        self.extra_eval_samplers = dict(extra_eval_samplers or {})
+        self.eval_sampler = self._eval_reading(eval_sampler) or Sampler("ode", num_steps=self.sampler.num_steps,
+                                                                         grid=self.sampler.grid)
+        self.extra_eval_samplers = {n: self._eval_reading(s) for n, s in (extra_eval_samplers or {}).items()}
         for name in self.extra_eval_samplers:
             if not name or "/" in name or "." in name or name in ("reward", "samples", "prompts"):
                 raise ValueError(f"extra_eval_samplers names become eval/<name>/...: {name!r} is not usable, "
@@ -130,7 +142,7 @@ class GRPOModule(Evaluation, PPOUpdate):
         self.sampler.warn_if_swamped()
         check_settings(clip_range=clip_range, adv_clip_max=adv_clip_max, beta=beta, kl_form=kl_form, kl_eta=kl_eta,
                        log_prob_form=log_prob_form, ratio_norm=ratio_norm,
-                       std_scope=std_scope, train_fraction=train_fraction, inner_epochs=inner_epochs,
+                       std_scope=std_scope, std_eps=std_eps, train_fraction=train_fraction, inner_epochs=inner_epochs,
                        micro_batch_size=micro_batch_size, updates_per_rollout=updates_per_rollout,
                        max_grad_norm=max_grad_norm, max_bad_iterations=max_bad_iterations)
         self.save_hyperparameters(ignore=["policy", "sampler", "eval_sampler", "extra_eval_samplers", "optimizer"])
@@ -146,6 +158,13 @@ class GRPOModule(Evaluation, PPOUpdate):
         self.guard = NonFiniteGuard(max_bad_iterations)
         self._current_phase = ""
         self._v_grad_sq: dict[int, Tensor | float] = {}
+
+    def _eval_reading(self, sampler: Sampler | str | None) -> Sampler | None:
+        if sampler is None or isinstance(sampler, Sampler):
+            return sampler
+        if sampler != "training":
+            raise ValueError(f"an evaluation sampler is a Sampler or 'training' (the training sampler), got {sampler!r}")
+        return self.sampler
 
     # ---- set-up -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -245,11 +264,13 @@ class GRPOModule(Evaluation, PPOUpdate):
                 on_images(s, images[-1])
         return trajectories, torch.cat(images)
 
-    def _sample_generators(self, sample_ids: Tensor) -> PerSample:
-        """One generator per sample, seeded by (run seed, rollout, sample id): independent of ranks and restarts."""
+    def _generators(self, ids: Tensor, stream: int) -> PerSample:
+        """One generator per sample, seeded by (run seed, rollout, stream, its id): independent of ranks and
+        restarts. Stream 0 is keyed by sample ids (every draw of a rollout), stream 2 by group ids (a group's
+        initial noise, alike within the group)."""
         return PerSample([
-            torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, self.rollouts, 0, int(i)))
-            for i in sample_ids
+            torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, self.rollouts, stream, int(i)))
+            for i in ids
         ])
 
     # ---- training ---------------------------------------------------------------------------------------------
@@ -264,8 +285,9 @@ class GRPOModule(Evaluation, PPOUpdate):
             with self._phase("encode"):
                 cond = self.policy.encode(prompts)
             with self._phase("rollout"):  # scoring starts as micro-batches are decoded (RewardScorer.overlap)
-                generator = self._sample_generators(batch["sample_ids"])
-                noise = generator.randn((len(prompts), *self.policy.latent_shape), torch.float32, self.device)
+                generator = self._generators(batch["sample_ids"], 0)
+                first = self._generators(group_ids, 2) if self.hparams.same_noise_per_group else generator
+                noise = first.randn((len(prompts), *self.policy.latent_shape), torch.float32, self.device)
                 trajectories, images = self.rollout(cond, noise, slices, generator, on_images=scoring.submit)
             with self._phase("reward"):  # what is left of scoring once sampling is done
                 rewards, components = scoring.result()
@@ -291,9 +313,10 @@ class GRPOModule(Evaluation, PPOUpdate):
         """Group advantages [B] and the number of groups whose rewards are all equal (advantage 0: no signal)."""
         global_std = None
         if self.hparams.std_scope == "global":
-            global_std = self.all_gather(rewards).reshape(-1).float().std(unbiased=False)
+            global_std = self.all_gather(rewards).reshape(-1).float().std(unbiased=self.hparams.std_unbiased)
         advantages = group_advantages(
-            rewards, group_ids, self.hparams.std_scope, self.hparams.adv_clip_max, global_std=global_std
+            rewards, group_ids, self.hparams.std_scope, self.hparams.adv_clip_max, self.hparams.std_eps,
+            global_std=global_std, unbiased=self.hparams.std_unbiased,
         )
         return advantages, flat_groups(rewards, group_ids)
 

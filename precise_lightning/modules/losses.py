@@ -12,13 +12,14 @@ from precise_lightning.sampling.rules import reduce_elements, velocity_gain
 
 def group_advantages(
     rewards: Tensor, group_ids: Tensor, std_scope: str = "group", clip: float = 5.0, eps: float = 1e-4,
-    global_std: Tensor | None = None,
+    global_std: Tensor | None = None, unbiased: bool = False,
 ) -> Tensor:
     """(r - group mean) / (std + eps), clipped to +-clip (DanceGRPO / Flow-GRPO); rewards, group_ids: [B] -> [B].
 
-    ``std_scope="group"`` divides by each group's population std; ``"global"`` by the std of all rewards
-    (``global_std`` when the caller gathered them across ranks, else the std of ``rewards``). A group whose
-    rewards are all equal gets advantage 0: it carries no signal.
+    ``std_scope="group"`` divides by each group's std; ``"global"`` by the std of all rewards (``global_std``
+    when the caller gathered them across ranks, else the std of ``rewards``). The std is the population one
+    (Flow-GRPO's and the Precise code's ``np.std``, eps 1e-4) or with ``unbiased`` Bessel's (DanceGRPO's
+    ``torch.std``, eps 1e-8). A group whose rewards are all equal gets advantage 0: it carries no signal.
     """
     if std_scope not in ("group", "global"):
         raise ValueError(f"std_scope must be 'group' or 'global', got {std_scope!r}")
@@ -28,10 +29,11 @@ def group_advantages(
     mean = (sums / counts)[inverse]
     centred = rewards - mean
     if std_scope == "group":
-        var = torch.zeros(len(counts), device=rewards.device).index_add_(0, inverse, centred**2) / counts
+        dof = (counts - 1).clamp_min(1) if unbiased else counts  # a group of one: centred 0, advantage 0
+        var = torch.zeros(len(counts), device=rewards.device).index_add_(0, inverse, centred**2) / dof
         std = var.sqrt()[inverse]
     else:
-        std = global_std.float() if global_std is not None else rewards.std(unbiased=False)
+        std = global_std.float() if global_std is not None else rewards.std(unbiased=unbiased)
     return (centred / (std + eps)).clamp(-clip, clip)
 
 

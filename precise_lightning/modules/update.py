@@ -31,9 +31,10 @@ class PPOUpdate(LightningModule):
     ``seed``, ``rollouts`` and the PPO hparams."""
 
     def trained_steps(self, sde_steps: list[int]) -> list[int]:
-        """The stochastic steps trained this iteration: all, or a random subset of ``train_fraction`` of them
-        (the same on every rank: drawn from the rollout's seed)."""
-        k = math.ceil(self.hparams.train_fraction * len(sde_steps))
+        """The stochastic steps trained this iteration: all, or a random subset of ``int(train_fraction * K)`` of
+        the K (DanceGRPO's ``timestep_fraction`` count, train_grpo_flux.py:570; at least one), the same on every
+        rank and for every sample: drawn from the rollout's seed."""
+        k = max(1, int(self.hparams.train_fraction * len(sde_steps)))
         if k == len(sde_steps):
             return list(sde_steps)
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.rollouts, 1))

@@ -108,11 +108,13 @@ def rollout(
     keep_means: bool = False,
     reduce: str = "mean",
     lower_order_final: bool = True,
+    stochastic_last_step: bool = False,
 ) -> Trajectory:
     """Integrate from ``noise`` (t = 1) along ``timesteps``; steps in ``sde_steps`` use ``rule``, the rest Euler.
 
-    ``sde_steps`` defaults to every step but the last, which is always deterministic (x_N = x0_hat) and carries
-    no log-prob. ``generator`` is one generator for the whole rollout, a sequence with one per step, or
+    ``sde_steps`` defaults to every step but the last, which carries no log-prob and is deterministic
+    (x_N = x0_hat) unless ``stochastic_last_step``: then it is ``rule``'s transition, noise included, as the
+    Precise code samples every step (its ``flow_grpo`` / ``dance_grpo`` add noise of std about 0.2 there). ``generator`` is one generator for the whole rollout, a sequence with one per step, or
     :class:`PerSample` generators, one per batch row. A multistep rule's stochastic steps read the previous
     step's x0_hat (stochastic or not; see :func:`~precise_lightning.sampling.rules.previous_step`), stored in
     the trajectory so that re-scoring sees the same transition.
@@ -142,6 +144,10 @@ def rollout(
             if rule in MULTISTEP:
                 d_prevs.append(x0_prev if j is not None else torch.zeros_like(x))
             x_new = out.x_next
+        elif stochastic_last_step and i == n - 1 and rule != "ode":
+            j = previous_step(rule, i, timesteps, lower_order_final)
+            context = {"d_prev": x0_prev, "t_prev": times[j]} if j is not None else {}
+            x_new = sde_step(rule, x, v, t, t_next, eta, generator=_step_generator(generator, i), **context).x_next
         else:
             x_new = ode(x, v, t, t_next)[0]
         if rule in MULTISTEP:
