@@ -13,7 +13,7 @@ import yaml
 from jsonargparse.typing import import_object
 
 from precise_lightning.data.prompts import read_prompts
-from precise_lightning.modules.checks import check_settings, micro_slices, refuse_float16
+from precise_lightning.modules.checks import check_settings, micro_slices, check_precision
 
 SETTINGS = ("clip_range", "adv_clip_max", "beta", "kl_form", "kl_eta", "log_prob_form", "ratio_norm", "std_scope",
             "std_eps", "train_fraction", "inner_epochs", "micro_batch_size", "updates_per_rollout", "max_grad_norm",
@@ -29,7 +29,7 @@ def check_config(subcommand: str | None, config: Any) -> None:
                          f"{trainer.max_steps}")
     if data.group_size and data.batch_size % data.group_size == 0:  # else the DataModule says what is wrong
         micro_slices(data.batch_size, model.micro_batch_size, model.updates_per_rollout)
-    refuse_float16(trainer.precision)  # the config's value: Lightning would turn it into bf16 on a CPU
+    check_precision(trainer.precision)
     check_optimizer(model.optimizer)
     for key, path in _output_dirs(trainer):
         check_writable_dir(path, key)

@@ -96,8 +96,13 @@ def test_recipe_lora_counts_shard_units_and_frozen_parts_at_real_size(recipes, n
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == by_hand
 
 
-def test_text_encoder_dtype_in_a_plan_is_the_gpu_default(recipes):
-    assert next(recipes["sd35_precise"].text_encoder_3.parameters()).dtype == torch.bfloat16
+def test_text_encoder_dtype_in_a_plan_is_the_recipes(recipes):
+    """SD3.5: float16, with T5's feed-forward outputs kept float32 as from_pretrained keeps them; Klein: bfloat16
+    (the GPU default)."""
+    t5 = recipes["sd35_precise"].text_encoder_3
+    assert next(t5.parameters()).dtype == torch.float16
+    assert {p.dtype for n, p in t5.named_parameters() if ".wo." in n} == {torch.float32}
+    assert next(recipes["flux2_klein_precise"].text_encoder.parameters()).dtype == torch.bfloat16
     assert next(recipes["sd35_precise"].vae.parameters()).dtype == torch.float32
 
 

@@ -8,95 +8,150 @@ import yaml
 
 import cli
 
+# The published trees read (a file:line is at these commits): Flow-GRPO ac4c86e, Precise, FlowCPS, DanceGRPO as
+# fetched on 2026-12-02.
 FLOW_GRPO = "yifan123/flow_grpo"
 PRECISE = "Tencent-Hunyuan/Precise"
+FLOW_CPS = "IamCreateAI/FlowCPS"
+DANCE = "XueZeyue/DanceGRPO"
 SD35_LORA = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
              "attn.add_v_proj", "attn.to_add_out"]
 KLEIN_LORA = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.to_qkv_mlp_proj", "attn.add_k_proj",
               "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out",
               "ff_context.linear_in", "ff_context.linear_out"]
 
-# (dotted key in the parsed config, published value, source)
+# (dotted key in the parsed config, published value, source file:line)
 SD35 = [
-    ("model.policy.init_args.model", "stabilityai/stable-diffusion-3.5-medium", f"{FLOW_GRPO} config/grpo.py"),
-    ("model.policy.init_args.resolution", 512, f"{FLOW_GRPO} config/grpo.py pickscore_sd3"),
-    ("model.policy.init_args.guidance_scale", 4.5, f"{FLOW_GRPO} config/grpo.py sample.guidance_scale"),
-    ("model.policy.init_args.detach_uncond", True, f"{FLOW_GRPO} scripts/train_sd3.py compute_log_prob"),
-    ("model.policy.init_args.negative_prompt", "", f"{FLOW_GRPO} scripts/train_sd3.py neg_prompt_embed"),
-    ("model.policy.init_args.max_sequence_length", 128, f"{FLOW_GRPO} scripts/train_sd3.py compute_text_embeddings"),
-    ("model.policy.init_args.vae_dtype", "float32", f"{FLOW_GRPO} scripts/train_sd3.py vae.to(float32)"),
-    ("model.policy.init_args.lora_rank", 32, f"{FLOW_GRPO} scripts/train_sd3.py LoraConfig"),
-    ("model.policy.init_args.lora_alpha", 64.0, f"{FLOW_GRPO} scripts/train_sd3.py LoraConfig"),
-    ("model.policy.init_args.lora_targets", SD35_LORA, f"{FLOW_GRPO} scripts/train_sd3.py target_modules"),
-    ("model.sampler.init_args.num_steps", 10, f"{FLOW_GRPO} config/grpo.py sample.num_steps"),
-    ("model.eval_sampler.init_args.rule", "ode", f"{FLOW_GRPO} scripts/train_sd3.py eval (pipeline_with_logprob)"),
-    ("model.eval_sampler.init_args.num_steps", 40, f"{FLOW_GRPO} config/grpo.py sample.eval_num_steps"),
-    ("model.optimizer.init_args.lr", 3e-4, f"{FLOW_GRPO} config/grpo.py train.learning_rate"),
-    ("model.optimizer.init_args.betas", [0.9, 0.999], f"{FLOW_GRPO} config/base.py adam_beta1/2"),
-    ("model.optimizer.init_args.weight_decay", 1e-4, f"{FLOW_GRPO} config/base.py adam_weight_decay"),
-    ("model.optimizer.init_args.eps", 1e-8, f"{FLOW_GRPO} config/base.py adam_epsilon"),
-    ("model.clip_range", 4e-6, f"{PRECISE} config/flux2_klein.py train.clip_range (the sampler's PPO settings)"),
-    ("model.ratio_norm", True, f"{PRECISE} config/flux2_klein.py config.rationorm (the sampler's PPO settings)"),
-    ("model.adv_clip_max", 5.0, f"{FLOW_GRPO} config/base.py train.adv_clip_max"),
-    ("model.beta", 0.01, f"{FLOW_GRPO} config/grpo.py train.beta"),
-    ("model.kl_form", "flow_grpo", f"{FLOW_GRPO} scripts/train_sd3.py kl_loss / std_dev_t"),
-    ("model.std_scope", "global", f"{FLOW_GRPO} config/grpo.py sample.global_std"),
-    ("model.updates_per_rollout", 2, f"{FLOW_GRPO} config/grpo.py gradient_accumulation_steps = batches / 2"),
-    ("model.drop_zero_advantage", True, f"{FLOW_GRPO} scripts/train_sd3.py (zero-advantage samples filtered)"),
-    ("model.inner_epochs", 1, f"{FLOW_GRPO} config/base.py train.num_inner_epochs"),
-    ("model.max_grad_norm", 1.0, f"{FLOW_GRPO} config/base.py train.max_grad_norm"),
-    ("model.sampler.init_args.log_prob_reduce", "mean", f"{FLOW_GRPO} sd3_sde_with_logprob.py log_prob.mean"),
-    ("data.group_size", 24, f"{FLOW_GRPO} config/grpo.py sample.num_image_per_prompt"),
-    ("ema.decay", 0.9, f"{FLOW_GRPO} flow_grpo/ema.py, config train.ema"),
-    ("ema.every_n_steps", 8, f"{FLOW_GRPO} scripts/train_sd3.py EMAModuleWrapper(update_step_interval=8)"),
-    ("ema.warmup", True, f"{FLOW_GRPO} flow_grpo/ema.py get_current_decay"),
-    ("reward.rewards.pickscore.class_path", "precise_lightning.rewards.PickScore", f"{FLOW_GRPO} config/grpo.py"),
-    ("reward.rewards.pickscore.init_args.dtype", "float32", f"{FLOW_GRPO} flow_grpo/pickscore_scorer.py"),
-    ("trainer.precision", "bf16-mixed", f"{FLOW_GRPO} config/grpo.py mixed_precision"),
+    ("model.policy.init_args.model", "stabilityai/stable-diffusion-3.5-medium", f"{FLOW_GRPO} config/grpo.py:112"),
+    ("model.policy.init_args.resolution", 512, f"{FLOW_GRPO} config/grpo.py:117"),
+    ("model.policy.init_args.guidance_scale", 4.5, f"{FLOW_GRPO} config/grpo.py:115"),
+    ("model.policy.init_args.detach_uncond", True, f"{FLOW_GRPO} scripts/train_sd3.py:189-190"),
+    ("model.policy.init_args.negative_prompt", "", f"{FLOW_GRPO} scripts/train_sd3.py:540"),
+    ("model.policy.init_args.max_sequence_length", 128, f"{FLOW_GRPO} scripts/train_sd3.py:540,625"),
+    ("model.policy.init_args.text_dtype", "float16", f"{FLOW_GRPO} scripts/train_sd3.py:403-413 (inference_dtype)"),
+    ("model.policy.init_args.vae_dtype", "float32", f"{FLOW_GRPO} scripts/train_sd3.py:410"),
+    ("model.policy.init_args.lora_rank", 32, f"{FLOW_GRPO} scripts/train_sd3.py:430"),
+    ("model.policy.init_args.lora_alpha", 64.0, f"{FLOW_GRPO} scripts/train_sd3.py:431"),
+    ("model.policy.init_args.lora_targets", SD35_LORA, f"{FLOW_GRPO} scripts/train_sd3.py:419-428"),
+    ("model.sampler.init_args.num_steps", 10, f"{FLOW_GRPO} config/grpo.py:113"),
+    ("model.train_fraction", 1.0, f"{FLOW_GRPO} config/grpo.py:127, train_sd3.py:345 (int(10 x 0.99): all but last)"),
+    ("model.eval_sampler.init_args.rule", "ode", f"{FLOW_GRPO} scripts/train_sd3.py:247-258 (noise_level=0)"),
+    ("model.eval_sampler.init_args.num_steps", 40, f"{FLOW_GRPO} config/grpo.py:114"),
+    ("model.optimizer.init_args.lr", 3e-4, f"{FLOW_GRPO} config/base.py:63"),
+    ("model.optimizer.init_args.betas", [0.9, 0.999], f"{FLOW_GRPO} config/base.py:65-67"),
+    ("model.optimizer.init_args.weight_decay", 1e-4, f"{FLOW_GRPO} config/base.py:69"),
+    ("model.optimizer.init_args.eps", 1e-8, f"{FLOW_GRPO} config/base.py:71"),
+    ("model.clip_range", 4e-6, f"{PRECISE} config/flux2_klein.py:92 (the sampler's PPO settings, README)"),
+    ("model.ratio_norm", True, f"{PRECISE} config/flux2_klein.py:95 (the sampler's PPO settings, README)"),
+    ("model.log_prob_form", "gaussian", f"{FLOW_GRPO} sd3_sde_with_logprob.py:61-68"),
+    ("model.adv_clip_max", 5.0, f"{FLOW_GRPO} config/base.py:84"),
+    ("model.beta", 0.01, f"{FLOW_GRPO} config/grpo.py:128"),
+    ("model.kl_form", "flow_grpo", f"{FLOW_GRPO} scripts/train_sd3.py:895, sd3_sde_with_logprob.py:47-50"),
+    ("model.kl_eta", 0.7, f"{FLOW_GRPO} config/base.py:54 (sample.noise_level)"),
+    ("model.std_scope", "global", f"{FLOW_GRPO} config/grpo.py:129"),
+    ("model.std_unbiased", False, f"{FLOW_GRPO} flow_grpo/stat_tracking.py:27 (np.std)"),
+    ("model.std_eps", 1e-4, f"{FLOW_GRPO} flow_grpo/stat_tracking.py:27"),
+    ("model.same_noise_per_group", False, f"{FLOW_GRPO} scripts/train_sd3.py:639-651 (no shared latents)"),
+    ("model.updates_per_rollout", 2, f"{FLOW_GRPO} config/grpo.py:125"),
+    ("model.drop_zero_advantage", True, f"{FLOW_GRPO} scripts/train_sd3.py:796-817"),
+    ("model.inner_epochs", 1, f"{FLOW_GRPO} config/grpo.py:126"),
+    ("model.max_grad_norm", 1.0, f"{FLOW_GRPO} config/base.py:76"),
+    ("model.sampler.init_args.log_prob_reduce", "mean", f"{FLOW_GRPO} sd3_sde_with_logprob.py:68"),
+    ("data.group_size", 24, f"{FLOW_GRPO} config/grpo.py:119"),
+    ("ema.decay", 0.9, f"{FLOW_GRPO} scripts/train_sd3.py:445"),
+    ("ema.every_n_steps", 8, f"{FLOW_GRPO} scripts/train_sd3.py:445"),
+    ("ema.warmup", True, f"{FLOW_GRPO} flow_grpo/ema.py:33-37"),
+    ("ema.blends_per_step", 2, f"{FLOW_GRPO} scripts/train_sd3.py:954-955 per micro-batch, config/grpo.py:118-125"),
+    ("reward.rewards.pickscore.class_path", "precise_lightning.rewards.PickScore",
+     f"{FLOW_GRPO} config/grpo.py:134-136"),
+    ("reward.rewards.pickscore.init_args.dtype", "float32", f"{FLOW_GRPO} flow_grpo/rewards.py:50"),
+    ("trainer.precision", "16-mixed", f"{FLOW_GRPO} config/base.py:21"),
+    ("seed_everything", 42, f"{FLOW_GRPO} config/base.py:11"),
 ]
 
 KLEIN = [
-    ("model.policy.init_args.model", "black-forest-labs/FLUX.2-klein-base-4B", f"{PRECISE} config/flux2_klein.py"),
-    ("model.policy.init_args.revision", "a3b4f4849157f664bdbc776fd7453c2783562f4d", f"{PRECISE} config/flux2_klein.py"),
-    ("model.policy.init_args.resolution", 512, f"{PRECISE} config/flux2_klein.py config.resolution"),
-    ("model.policy.init_args.guidance_scale", 1.0, f"{PRECISE} config/flux2_klein.py sample.guidance_scale"),
-    ("model.policy.init_args.max_sequence_length", 128, f"{PRECISE} precise_sde/train/rl_trainer.py encode_prompt"),
-    ("model.policy.init_args.vae_dtype", "float32", f"{PRECISE} precise_sde/train/rl_trainer.py"),
-    ("model.policy.init_args.lora_rank", 16, f"{PRECISE} precise_sde/train/adapters.py"),
-    ("model.policy.init_args.lora_alpha", 16.0, f"{PRECISE} precise_sde/train/adapters.py"),
-    ("model.policy.init_args.lora_targets", KLEIN_LORA, f"{PRECISE} precise_sde/train/adapters.py target_modules"),
-    ("model.sampler.init_args.rule", "precise", f"{PRECISE} config/flux2_klein.py sde_type"),
-    ("model.sampler.init_args.eta", 1.5, f"{PRECISE} config/flux2_klein.py _default_noise_level"),
-    ("model.sampler.init_args.num_steps", 20, f"{PRECISE} config/flux2_klein.py num_steps"),
-    ("model.eval_sampler.init_args.rule", "precise", f"{PRECISE} config/flux2_klein.py eval_targets sde_type"),
-    ("model.eval_sampler.init_args.eta", 1.5, f"{PRECISE} config/base.py mix_eval_targets noise_level"),
-    ("model.eval_sampler.init_args.num_steps", 20, f"{PRECISE} config/flux2_klein.py sample.eval_num_steps"),
-    ("trainer.val_check_interval", 50, f"{PRECISE} config/flux2_klein.py eval_freq"),
-    ("model.optimizer.init_args.lr", 8e-5, f"{PRECISE} config/flux2_klein.py train.learning_rate"),
-    ("model.optimizer.init_args.betas", [0.9, 0.999], f"{PRECISE} config/base.py adam_beta1/2"),
-    ("model.optimizer.init_args.weight_decay", 1e-4, f"{PRECISE} config/base.py adam_weight_decay"),
-    ("model.optimizer.init_args.eps", 1e-8, f"{PRECISE} config/base.py adam_epsilon"),
-    ("model.clip_range", 4e-6, f"{PRECISE} config/flux2_klein.py train.clip_range"),
-    ("model.adv_clip_max", 5.0, f"{PRECISE} config/base.py train.adv_clip_max"),
-    ("model.beta", 0.0, f"{PRECISE} config/flux2_klein.py train.beta"),
-    ("model.kl_form", "precise", f"{PRECISE} precise_sde/train/rl_trainer.py kl_loss"),
-    ("model.std_scope", "group", f"{PRECISE} config/flux2_klein.py sample.global_std = False"),
-    ("model.ratio_norm", True, f"{PRECISE} config/flux2_klein.py config.rationorm"),
-    ("model.updates_per_rollout", 2, f"{PRECISE} config/flux2_klein.py gradient_accumulation = batches // 2"),
-    ("model.drop_zero_advantage", True, f"{PRECISE} precise_sde/train/rl_trainer.py zero-advantage filter"),
-    ("model.inner_epochs", 1, f"{PRECISE} config/flux2_klein.py train.num_inner_epochs"),
-    ("model.max_grad_norm", 1.0, f"{PRECISE} config/base.py train.max_grad_norm"),
-    ("data.group_size", 8, f"{PRECISE} config/flux2_klein.py sample.num_image_per_prompt"),
-    ("ema.decay", 0.9, f"{PRECISE} precise_sde/core/ema.py"),
-    ("ema.every_n_steps", 8, f"{PRECISE} precise_sde/train/rl_trainer.py update_step_interval"),
-    ("ema.warmup", True, f"{PRECISE} precise_sde/core/ema.py get_current_decay"),
-    ("reward.normalize", True, f"{PRECISE} config/base.py normalize_rewards"),
-    ("reward.weights", None, f"{PRECISE} config/base.py mix_reward_fn (weights 1)"),
+    ("model.policy.init_args.model", "black-forest-labs/FLUX.2-klein-base-4B", f"{PRECISE} config/flux2_klein.py:12"),
+    ("model.policy.init_args.revision", "a3b4f4849157f664bdbc776fd7453c2783562f4d",
+     f"{PRECISE} config/flux2_klein.py:13"),
+    ("model.policy.init_args.resolution", 512, f"{PRECISE} config/flux2_klein.py:58"),
+    ("model.policy.init_args.guidance_scale", 1.0, f"{PRECISE} config/flux2_klein.py:51"),
+    ("model.policy.init_args.max_sequence_length", 128, f"{PRECISE} precise_sde/train/rl_trainer.py:592"),
+    ("model.policy.init_args.vae_dtype", "float32", f"{PRECISE} precise_sde/train/adapters.py:112"),
+    ("model.policy.init_args.lora_rank", 16, f"{PRECISE} precise_sde/train/adapters.py:133"),
+    ("model.policy.init_args.lora_alpha", 16.0, f"{PRECISE} precise_sde/train/adapters.py:134"),
+    ("model.policy.init_args.lora_targets", KLEIN_LORA, f"{PRECISE} precise_sde/train/adapters.py:117-131"),
+    ("model.sampler.init_args.rule", "precise", f"{PRECISE} config/flux2_klein.py:53,169 (PRECISE_SDE_LAUNCH_SDE)"),
+    ("model.sampler.init_args.eta", 1.5, f"{PRECISE} config/flux2_klein.py:114-116"),
+    ("model.sampler.init_args.num_steps", 20, f"{PRECISE} config/flux2_klein.py:49,122"),
+    ("model.sampler.init_args.stochastic_last_step", False,
+     f"{PRECISE} sde_with_logprob.py:70-72 (precise: std 0 there)"),
+    ("model.train_fraction", 1.0, f"{PRECISE} config/flux2_klein.py:74, rl_trainer.py:366 (all but the last)"),
+    ("model.eval_sampler", "training", f"{PRECISE} config/flux2_klein.py:50,86-88 (the run's sde_type and N)"),
+    ("trainer.val_check_interval", 50, f"{PRECISE} config/flux2_klein.py:83"),
+    ("model.optimizer.init_args.lr", 8e-5, f"{PRECISE} config/flux2_klein.py:94"),
+    ("model.optimizer.init_args.betas", [0.9, 0.999], f"{PRECISE} config/base.py:44-45"),
+    ("model.optimizer.init_args.weight_decay", 1e-4, f"{PRECISE} config/base.py:46"),
+    ("model.optimizer.init_args.eps", 1e-8, f"{PRECISE} config/base.py:47"),
+    ("model.clip_range", 4e-6, f"{PRECISE} config/flux2_klein.py:92"),
+    ("model.log_prob_form", "gaussian", f"{PRECISE} sde_with_logprob.py:179-185"),
+    ("model.adv_clip_max", 5.0, f"{PRECISE} config/base.py:52"),
+    ("model.beta", 0.0, f"{PRECISE} config/flux2_klein.py:75"),
+    ("model.kl_form", "precise", f"{PRECISE} precise_sde/train/rl_trainer.py:903-906"),
+    ("model.std_scope", "group", f"{PRECISE} config/flux2_klein.py:79"),
+    ("model.std_unbiased", False, f"{PRECISE} precise_sde/core/stat_tracking.py:46 (np.std)"),
+    ("model.std_eps", 1e-4, f"{PRECISE} precise_sde/core/stat_tracking.py:46"),
+    ("model.same_noise_per_group", False, f"{PRECISE} config/flux2_klein.py:80 (same_latent False)"),
+    ("model.ratio_norm", True, f"{PRECISE} config/flux2_klein.py:95"),
+    ("model.updates_per_rollout", 2, f"{PRECISE} config/flux2_klein.py:72"),
+    ("model.drop_zero_advantage", True, f"{PRECISE} precise_sde/train/rl_trainer.py:787-809"),
+    ("model.inner_epochs", 1, f"{PRECISE} config/flux2_klein.py:73"),
+    ("model.max_grad_norm", 1.0, f"{PRECISE} config/base.py:49"),
+    ("data.group_size", 8, f"{PRECISE} config/flux2_klein.py:61"),
+    ("ema.decay", 0.9, f"{PRECISE} precise_sde/train/rl_trainer.py:414"),
+    ("ema.every_n_steps", 8, f"{PRECISE} precise_sde/train/rl_trainer.py:414"),
+    ("ema.warmup", True, f"{PRECISE} precise_sde/core/ema.py:23-27"),
+    ("ema.blends_per_step", 8, f"{PRECISE} rl_trainer.py:964-965 per micro-batch, config/flux2_klein.py:60-72"),
+    ("reward.normalize", True, f"{PRECISE} config/base.py:62"),
+    ("reward.weights", None, f"{PRECISE} config/base.py:69-70 (weights 1)"),
+    ("reward.rewards.clipscore.class_path", "precise_lightning.rewards.PreciseCLIPScore",
+     f"{PRECISE} config/base.py:70, precise_sde/rewards/scorers/clip.py:39-53"),
     ("reward.metrics.imagereward.class_path", "precise_lightning.rewards.ImageReward",
-     f"{PRECISE} config/base.py mix_eval_targets"),
-    ("trainer.precision", "bf16-mixed", f"{PRECISE} config/flux2_klein.py mixed_precision"),
-    ("seed_everything", 42, f"{PRECISE} config/base.py seed"),
+     f"{PRECISE} config/base.py:103-108"),
+    ("trainer.precision", "bf16-mixed", f"{PRECISE} config/flux2_klein.py:91"),
+    ("seed_everything", 42, f"{PRECISE} config/base.py:11"),
 ]
+
+# The sampler overlays on the Klein recipe: (key, value, source) each.
+OVERLAYS = {
+    "configs/samplers/flow_grpo.yaml": [
+        ("model.sampler.init_args.rule", "flow_sde", f"{FLOW_GRPO} sd3_sde_with_logprob.py:47-59"),
+        ("model.sampler.init_args.eta", 0.7, f"{FLOW_GRPO} config/base.py:54"),
+        ("model.sampler.init_args.stochastic_last_step", True,
+         f"{FLOW_GRPO} sd3_pipeline_with_logprob.py:137-161; {PRECISE} sde_with_logprob.py:61-67"),
+        ("model.clip_range", 1e-4, f"{FLOW_GRPO} config/base.py:86"),
+        ("model.ratio_norm", False, f"{FLOW_GRPO} scripts/train_sd3.py:886"),
+    ],
+    "configs/samplers/cps.yaml": [
+        ("model.sampler.init_args.rule", "cps", f"{FLOW_CPS} flow_grpo/diffusers_patch/sd3_sde_with_logprob.py:52-55"),
+        ("model.sampler.init_args.eta", 0.7, f"{FLOW_CPS} config/base.py:56"),
+        ("model.clip_range", 1e-4, f"{FLOW_CPS} config/base.py:94"),
+        ("model.ratio_norm", False, f"{FLOW_CPS} scripts/train_sd3.py (ratio = exp(log_prob - old))"),
+        ("model.log_prob_form", "cps", f"{FLOW_CPS} flow_grpo/diffusers_patch/sd3_sde_with_logprob.py:66-70"),
+        ("model.kl_form", "precise", f"{FLOW_CPS} scripts/train_sd3.py:900-901 (undivided)"),
+    ],
+    "configs/samplers/dance_grpo.yaml": [
+        ("model.sampler.init_args.rule", "dance_sde", f"{DANCE} fastvideo/train_grpo_flux.py:131-156"),
+        ("model.sampler.init_args.eta", 0.3, f"{DANCE} scripts/finetune/finetune_flux_grpo.sh:46"),
+        ("model.sampler.init_args.stochastic_last_step", True, f"{PRECISE} sde_with_logprob.py:59-60 (dance_grpo)"),
+        ("model.clip_range", 1e-4, f"{DANCE} scripts/finetune/finetune_flux_grpo.sh:58"),
+        ("model.ratio_norm", False, f"{DANCE} fastvideo/train_grpo_flux.py (ratio = exp(new - old))"),
+        ("model.train_fraction", 0.6, f"{DANCE} scripts/finetune/finetune_flux_grpo.sh:56, train_grpo_flux.py:570"),
+        ("model.same_noise_per_group", True, f"{DANCE} scripts/finetune/finetune_flux_grpo.sh:57, "
+                                             "train_grpo_flux.py:333-350"),
+        ("model.std_unbiased", True, f"{DANCE} fastvideo/train_grpo_flux.py:542 (torch .std())"),
+        ("model.std_eps", 1e-8, f"{DANCE} fastvideo/train_grpo_flux.py:542"),
+    ],
+}
 
 # Global batch per iteration = processes x data.batch_size.
 GLOBAL_BATCH = {"configs/sd35_precise.yaml": 48 * 24, "configs/flux2_klein_precise.yaml": 32 * 8}
@@ -126,6 +181,17 @@ def test_recipe_matches_the_published_run(config, table, capsys):
     assert not wrong, "\n".join(wrong)
     assert parsed["trainer"]["devices"] * parsed["data"]["batch_size"] == GLOBAL_BATCH[config]
     assert parsed["model"]["sampler"]["init_args"]["grid"] is None  # the policy's own grid (its scheduler's)
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_sampler_overlays_carry_their_published_settings_and_evaluate_with_their_sde(overlay, capsys):
+    """Each overlay on the Klein recipe: the published values of its code, and evaluation with its own sampler (the
+    Klein recipe's ``eval_sampler: training``), as the Precise code evaluates each compared sampler."""
+    parsed = _parsed(f"configs/flux2_klein_precise.yaml --config {overlay}", capsys)
+    wrong = [f"{key}: {_get(parsed, key)!r}, published {value!r} ({source})" for key, value, source in OVERLAYS[overlay]
+             if _get(parsed, key) != value]
+    assert not wrong, "\n".join(wrong)
+    assert parsed["model"]["eval_sampler"] == "training"
 
 
 def test_klein_pickscore_overlay_trains_on_pickscore_alone(capsys):

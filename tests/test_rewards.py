@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 from torchmetrics.functional.multimodal import clip_score
-from transformers import AutoProcessor, CLIPModel
+from transformers import AutoProcessor, CLIPModel, CLIPProcessor
 
 from precise_lightning.hub import WeightsNotFoundError, set_model_root
-from precise_lightning.rewards import CLIPScore, HPSv2, PickScore
+from precise_lightning.rewards import CLIPScore, HPSv2, PickScore, PreciseCLIPScore
 
 SCORERS = [PickScore, HPSv2, CLIPScore]
 PROMPTS = ["a red cube on a table", "an astronaut riding a horse", "a red cube on a table", "a bowl of ramen"]
@@ -132,6 +132,30 @@ def test_clipscore_equals_torchmetrics(scorers, images, tiny_root, monkeypatch):
     monkeypatch.setattr(scorer, "encode_images", lambda pixels: -encode(pixels))
     pixels = processor(images=_pil(images), return_tensors="pt")["pixel_values"]
     _assert_matches_reference(scorer, images, pixels, expected, 100.0, monkeypatch)
+
+
+def test_precise_clipscore_equals_the_precise_codes_scorer(images, tiny_root):
+    """The Precise code's ClipScorer, transcribed (rewards/scorers/clip.py:20-53, float input as builtin.py:52-63
+    passes a tensor): T.Resize / CenterCrop / Normalize from the processor on the float tensor, CLIPModel with
+    max_length padding, logits_per_image.diagonal() / 30."""
+    import torchvision.transforms as T
+
+    path = tiny_root / "openai/clip-vit-large-patch14"
+    model, processor = CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
+    config = processor.image_processor.to_dict()
+    tform = T.Compose([T.Resize(config["size"]["shortest_edge"]),
+                       T.CenterCrop((config["crop_size"]["height"], config["crop_size"]["width"])),
+                       T.Normalize(mean=processor.image_processor.image_mean, std=processor.image_processor.image_std)])
+    texts = processor(text=PROMPTS, padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(pixel_values=tform(images), **texts).logits_per_image.diagonal() / 30
+    set_model_root(str(tiny_root))
+    try:
+        scorer = PreciseCLIPScore()
+    finally:
+        set_model_root(None)
+    torch.testing.assert_close(scorer(images, PROMPTS), expected, rtol=1e-5, atol=1e-5)
+    assert (expected < 0).any()  # no clamp at 0, unlike CLIPScore
 
 
 def test_hpsv2_equals_the_published_scoring_code(scorers, images, tiny_root, monkeypatch):
@@ -268,3 +292,17 @@ def test_aesthetic_score_equals_the_published_scoring_steps(tiny_root, images, m
     torch.testing.assert_close(scorer(images, PROMPTS), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(WeightsNotFoundError, match="improved-aesthetic-predictor and give its path"):
         AestheticScore(checkpoint="/no/such/file.pth")
+
+
+def test_rewards_score_in_their_own_dtype_under_the_training_autocast(scorers, images):
+    """Scoring runs inside training_step, under bf16-mixed's autocast: the scorer turns it off for the rewards."""
+    from precise_lightning.callbacks.rewards import _score_all
+
+    models = {cls.__name__: scorers[cls] for cls in SCORERS}
+    plain, _ = _score_all(models, images, PROMPTS, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under, _ = _score_all(models, images, PROMPTS, None)
+        raw = scorers[PickScore](images, PROMPTS)
+    for name in models:
+        assert torch.equal(under[name], plain[name]), name
+    assert not torch.equal(raw, plain["PickScore"])  # autocast does act on the bare model

@@ -160,7 +160,7 @@ def test_bad_configs_fail_with_a_message(tmp_path, extra, message):
         (["--model.sampler.init_args.eta", "0"], r"adds no noise on trained steps \[0, 1, 2, 3, 4, 5, 6, 7, 8\]"),
         (["--model.sampler.init_args.rule", "flow_sde", "--model.sampler.init_args.eta", "0"], "adds no noise"),
         (["--trainer.max_steps", "3"], r"trainer.max_steps \(3\) counts optimizer steps .* = 2\): e.g. 4"),
-        (["--trainer.precision", "16-mixed"], "float16 is not supported"),
+        (["--trainer.precision", "16-true"], "'16-true' trains float16 weights"),
     ],
     ids=["precise-eta-0", "flow-eta-0", "max-steps", "float16"],
 )
@@ -417,3 +417,33 @@ def test_same_noise_per_group_starts_a_group_from_one_noise(tmp_path):
         assert not torch.equal(final[rows[0]], final[rows[1]])
     other = (group_ids != group_ids[0]).nonzero()[0]
     assert not torch.equal(noise[0], noise[other].squeeze(0))  # another group, another noise
+
+
+FP16_MIXED = """
+trainer:
+  precision: null
+  plugins:
+    - class_path: lightning.pytorch.plugins.precision.MixedPrecision
+      init_args:
+        precision: 16-mixed
+        device: cpu
+        scaler: {class_path: torch.amp.GradScaler, init_args: {device: cpu}}
+"""
+
+
+def test_16_mixed_scales_the_loss_and_clips_unscaled_gradients(tmp_path):
+    """16-mixed (Flow-GRPO's mixed_precision, config/base.py:21), on CPU through an explicit plugin (Lightning turns
+    a plain 16-mixed into bf16 there): the loss is scaled by 65536, and the gradient norm that is logged and clipped
+    is the unscaled one, as in a float32 run of the same rollout."""
+    (tmp_path / "fp16.yaml").write_text(FP16_MIXED)
+    norms = {}
+    for name, extra in {"fp16": ["--config", str(tmp_path / "fp16.yaml")], "fp32": []}.items():
+        run = cli.main(demo_args(tmp_path / name, *extra, "--trainer.max_steps", "2"), run=False)
+        before = {n: p.detach().clone() for n, p in run.model.policy.named_trainable_parameters()}
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+        norms[name] = float(run.trainer.callback_metrics["train/grad_norm"])
+        assert any(not torch.equal(before[n], p) for n, p in run.model.policy.named_trainable_parameters())
+        if name == "fp16":
+            assert run.trainer.precision_plugin.scaler is not None
+            assert float(run.trainer.callback_metrics["train/grad_scale"]) == 65536.0
+    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.05)

@@ -212,7 +212,10 @@ def _call(
     if getattr(model, "wants_evaluating", False):
         kwargs["evaluating"] = evaluating
     try:
-        out = model(images, prompts, **kwargs)
+        # Not under the training precision's autocast (scoring runs inside training_step): reward models compute in
+        # their own dtype, as the published trainers score them in worker threads, where no autocast acts.
+        with torch.autocast(images.device.type, enabled=False):
+            out = model(images, prompts, **kwargs)
     except torch.OutOfMemoryError:
         raise
     except Exception as err:

@@ -52,11 +52,13 @@ def micro_slices(batch_size: int, micro_batch_size: int | None, updates_per_roll
     return [slice(i, i + micro) for i in range(0, batch_size, micro)]
 
 
-def refuse_float16(precision: Any) -> None:
-    """Float16 training is refused: the update has no loss scaling (any ``16*`` setting; bf16 is fine)."""
-    if str(precision).startswith("16"):
-        raise ValueError(f"trainer.precision {precision!r}: float16 is not supported (the update has no loss "
-                         "scaling): use bf16-mixed")
+def check_precision(precision: Any) -> None:
+    """Pure float16 weights (``16-true``) are refused: an AdamW step on half-precision weights rounds small updates
+    away. ``16-mixed`` keeps float32 weights and scales the loss (Lightning's GradScaler), ``bf16-mixed`` needs
+    no scaling."""
+    if str(precision) == "16-true":
+        raise ValueError("trainer.precision '16-true' trains float16 weights, whose small updates round away: use "
+                         "16-mixed (float32 weights, fp16 compute, loss scaling) or bf16-mixed")
 
 
 def update_groups(num_slices: int, updates_per_rollout: int) -> list[range]:

@@ -21,7 +21,7 @@ from precise_lightning.callbacks.progress import RolloutProgressBar
 from precise_lightning.callbacks.rewards import RewardScorer, find_reward_scorer
 from precise_lightning.checkpoint_io import VerifiedCheckpointIO
 from precise_lightning.hub import Dtype
-from precise_lightning.modules.checks import check_settings, micro_slices, refuse_float16
+from precise_lightning.modules.checks import check_precision, check_settings, micro_slices
 from precise_lightning.modules.evaluation import Evaluation
 from precise_lightning.modules.guard import NonFiniteGuard, destroy_process_group_at_exit, non_finite_parts, oom_advice
 from precise_lightning.modules.logs import log_iteration
@@ -158,19 +158,25 @@ class GRPOModule(Evaluation, PPOUpdate):
         self.guard = NonFiniteGuard(max_bad_iterations)
         self._current_phase = ""
         self._v_grad_sq: dict[int, Tensor | float] = {}
+        self._grad_norm = torch.zeros(())  # the last optimizer step's, set in on_before_optimizer_step
 
     def _eval_reading(self, sampler: Sampler | str | None) -> Sampler | None:
         if sampler is None or isinstance(sampler, Sampler):
             return sampler
         if sampler != "training":
-            raise ValueError(f"an evaluation sampler is a Sampler or 'training' (the training sampler), got {sampler!r}")
+            raise ValueError(f"an evaluation sampler is a Sampler or 'training' (the training sampler), got "
+                             f"{sampler!r}")
         return self.sampler
 
     # ---- set-up -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.scorer = find_reward_scorer(self.trainer)
         self.eval_means = self.make_eval_means(self.scorer)
-        refuse_float16(self.trainer.precision)  # runs built without the CLI
+        check_precision(self.trainer.precision)  # runs built without the CLI
+        if getattr(self.trainer.precision_plugin, "scaler", None) and isinstance(self.trainer.strategy,
+                                                                                 ModelParallelStrategy):
+            raise ValueError("trainer.precision 16-mixed: the sharded strategy (FSDP2) has no gradient scaler here; "
+                             "use bf16-mixed with configs/fsdp.yaml")
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
         if stage == "fit" and batch_size:
             self._micro_slices(batch_size)  # fail before the first rollout, not inside it

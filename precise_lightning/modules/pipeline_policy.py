@@ -189,4 +189,9 @@ def random_pipeline(build: Callable[[], Any], dtypes: dict[str, torch.dtype]) ->
         module = getattr(pipe, component)
         if next(module.parameters()).dtype != dtype:  # diffusers warns on every .to(dtype) of its models
             module.to(dtype)
+        if dtype == torch.float16:  # as from_pretrained loads them: T5's "wo" stays float32 against fp16 overflow
+            keep = getattr(module, "_keep_in_fp32_modules", None) or []
+            for name, sub in module.named_modules():
+                if any(k in name.split(".") for k in keep):
+                    sub.float()
     return pipe

@@ -81,12 +81,8 @@ class PPOUpdate(LightningModule):
                             stats[key].append(value)
                         if first_update:
                             stats["ratio_drift_first"].append(out["ratio_max_dev"])
-                norm = self._clip_gradients()
-                stats["grad_norm"].append(norm)
-                if torch.isfinite(norm):
-                    opt.step()
-                else:
-                    self.guard.skip(f"non-finite gradient norm in rollout {self.rollouts}")
+                opt.step()  # clipped in on_before_optimizer_step, where 16-mixed's gradients are unscaled
+                stats["grad_norm"].append(self._grad_norm)
                 opt.zero_grad(set_to_none=True)
                 first_update = first_update and not plan  # the ratio is 1 until weights first move
         # Each trained step's share of the signal the loss sends into the network (the gradient w.r.t. the velocity):
@@ -100,6 +96,20 @@ class PPOUpdate(LightningModule):
 
     def _record_v_grad(self, step: int, grad: Tensor) -> None:
         self._v_grad_sq[step] = self._v_grad_sq[step] + grad.detach().float().pow(2).sum()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the step's gradients (16-mixed: after Lightning unscaled them). A non-finite norm skips the step:
+        under 16-mixed the GradScaler skips it and lowers its scale (routine while the scale settles); otherwise
+        the gradients are dropped, so AdamW leaves weights and state as they were, and the guard counts it."""
+        self._grad_norm = self._clip_gradients()
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            self.log("train/grad_scale", float(scaler.get_scale()), on_step=True)
+        if torch.isfinite(self._grad_norm) or scaler is not None:
+            return
+        for p in self.policy.trainable_parameters():
+            p.grad = None
+        self.guard.skip(f"non-finite gradient norm in rollout {self.rollouts}")
 
     def _clip_gradients(self) -> Tensor:
         """Total gradient norm of the trainable weights (of the whole model: sharded norms are combined), clipped

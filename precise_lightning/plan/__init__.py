@@ -59,7 +59,10 @@ class Recipe:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if str(self.config.trainer.precision).startswith("bf16") else torch.float32
+        precision = str(self.config.trainer.precision)
+        if precision.startswith("bf16"):
+            return torch.bfloat16
+        return torch.float16 if precision in ("16", "16-mixed") else torch.float32
 
 
 def parse(config_args: list[str]) -> Recipe:

@@ -8,7 +8,7 @@ configured on :class:`precise_lightning.callbacks.RewardScorer`.
 """
 
 from precise_lightning.rewards.aesthetic import AestheticScore
-from precise_lightning.rewards.clip import CLIPScore, PickScore
+from precise_lightning.rewards.clip import CLIPScore, PickScore, PreciseCLIPScore
 from precise_lightning.rewards.digits import DigitClassifierReward
 from precise_lightning.rewards.geneval import GenEvalReward
 from precise_lightning.rewards.hpsv2 import HPSv2
@@ -21,6 +21,6 @@ from precise_lightning.rewards.unified_reward import UnifiedReward
 
 __all__ = [
     "AestheticScore", "CLIPScore", "ClipPreprocess", "DigitClassifierReward", "GenEvalReward", "HPSv2", "ImageReward",
-    "JPEGCompressibility", "JPEGIncompressibility", "PickScore", "RemoteRewardError", "Reward",
+    "JPEGCompressibility", "JPEGIncompressibility", "PickScore", "PreciseCLIPScore", "RemoteRewardError", "Reward",
     "UnifiedReward",
 ]

@@ -83,3 +83,23 @@ class CLIPScore(HFClipReward):
 
     def formula(self, cos: Tensor) -> Tensor:
         return 100 * cos.clamp(min=0)
+
+
+class PreciseCLIPScore(CLIPScore):
+    """CLIPScore as the Precise code scores it (``rewards/scorers/clip.py:39-53``): ``logit_scale.exp() * cos / 30``
+    (no clamp at 0), on the float images resized bilinearly (torchvision's ``Resize`` on the tensor, antialiased),
+    centre-cropped as ``CenterCrop`` rounds and normalised: no uint8 rounding. The FLUX.2 Klein recipes use it.
+
+    Args: as :class:`CLIPScore`.
+    """
+
+    def __init__(
+        self, model: str = "openai/clip-vit-large-patch14", revision: str | None = None, dtype: Dtype = "float32"
+    ) -> None:
+        super().__init__(model, revision, dtype)
+        p = self.preprocess
+        self.preprocess = ClipPreprocess(p.size, p.crop, p.mean.flatten().tolist(), p.std.flatten().tolist(),
+                                         "bilinear", crop_offset="round", quantize=False)
+
+    def formula(self, cos: Tensor) -> Tensor:
+        return self.model.logit_scale.float().exp() * cos / 30

@@ -27,7 +27,8 @@ class ClipPreprocess(nn.Module):
     shortest side resized to ``size`` in uint8 (torchvision's antialiased uint8 resize is a port of PIL's filters),
     centre crop, ``x / 255``, then ``(x - mean) / std``. ``crop_offset`` is how the crop's corner is rounded:
     ``floor`` in transformers' processors, ``round`` in torchvision's ``CenterCrop`` (open_clip); the two differ by
-    a pixel when the margin is odd.
+    a pixel when the margin is odd. ``quantize=False`` keeps the images float (no uint8 rounding): the Precise
+    code's CLIPScore resizes the float tensor (``rewards/scorers/clip.py:20-44``).
     """
 
     def __init__(
@@ -38,6 +39,7 @@ class ClipPreprocess(nn.Module):
         std: Sequence[float],
         interpolation: str = "bicubic",
         crop_offset: str = "floor",
+        quantize: bool = True,
     ) -> None:
         super().__init__()
         if interpolation not in _INTERPOLATION:
@@ -46,7 +48,7 @@ class ClipPreprocess(nn.Module):
             raise ValueError(f"crop_offset must be 'floor' or 'round', got {crop_offset!r}")
         if crop > size:
             raise ValueError(f"crop ({crop}) must not exceed the resized shortest side ({size})")
-        self.size, self.crop, self.crop_offset = size, crop, crop_offset
+        self.size, self.crop, self.crop_offset, self.quantize = size, crop, crop_offset, quantize
         self.interpolation = _INTERPOLATION[interpolation]
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -77,7 +79,7 @@ class ClipPreprocess(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must be [B, 1 or 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
-        x = to_uint8(images)
+        x = to_uint8(images) if self.quantize else images.detach().float()
         x = x.expand(-1, 3, -1, -1)  # grey -> RGB, as the processors' convert("RGB") does
         x = F.resize(x, [self.size], interpolation=self.interpolation, antialias=True)
         h, w = x.shape[-2:]
@@ -86,4 +88,5 @@ class ClipPreprocess(nn.Module):
         else:
             top, left = (h - self.crop) // 2, (w - self.crop) // 2
             x = x[..., top : top + self.crop, left : left + self.crop]
-        return (x.float() / 255 - self.mean) / self.std
+        x = x.float() / 255 if self.quantize else x
+        return (x - self.mean) / self.std
