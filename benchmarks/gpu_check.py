@@ -79,7 +79,7 @@ def sharded_fit(name: str, root: Path, logs: Path, args: argparse.Namespace) -> 
     if gpus < 1:
         return {"recipe": name, "sharded_fit": "skipped: no GPU"}
     overrides = recipe_args(RECIPES[name], root, logs / "fsdp", args)
-    overrides += ["--config", "configs/fsdp.yaml", "--trainer.devices", str(gpus),
+    overrides += ["--config", "configs/fsdp.yaml", "--trainer.precision", "bf16-mixed", "--trainer.devices", str(gpus),
                   "--trainer.strategy.init_args.data_parallel_size", str(gpus)]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "cli.py", "fit", *overrides], capture_output=True, text=True)

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 import yaml
 from jsonargparse.typing import import_object
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from precise_lightning.data.prompts import read_prompts
-from precise_lightning.modules.checks import check_settings, micro_slices, check_precision
+from precise_lightning.modules.checks import check_precision, check_settings, micro_slices
 
 SETTINGS = ("clip_range", "adv_clip_max", "beta", "kl_form", "kl_eta", "log_prob_form", "ratio_norm", "std_scope",
             "std_eps", "train_fraction", "inner_epochs", "micro_batch_size", "updates_per_rollout", "max_grad_norm",
@@ -30,6 +31,9 @@ def check_config(subcommand: str | None, config: Any) -> None:
     if data.group_size and data.batch_size % data.group_size == 0:  # else the DataModule says what is wrong
         micro_slices(data.batch_size, model.micro_batch_size, model.updates_per_rollout)
     check_precision(trainer.precision)
+    if str(trainer.precision) in ("16", "16-mixed") and is_sharded(trainer.strategy):
+        raise ValueError("trainer.precision 16-mixed: the sharded strategy (FSDP2) has no gradient scaler here; "
+                         "use --trainer.precision bf16-mixed with configs/fsdp.yaml")
     check_optimizer(model.optimizer)
     for key, path in _output_dirs(trainer):
         check_writable_dir(path, key)
@@ -48,6 +52,15 @@ def check_config(subcommand: str | None, config: Any) -> None:
         if sampler is not None:  # the Sampler alone, on the uniform grid: zero noise does not depend on the grid
             init = {k: v for k, v in _plain(sampler.init_args).items() if k != "grid"}
             import_object(sampler.class_path)(**init).check_trainable()
+
+
+def is_sharded(strategy: Any) -> bool:
+    """Whether a config's ``trainer.strategy`` (a name or a ``class_path``) is FSDP2's ModelParallelStrategy."""
+    path = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "")
+    try:
+        return issubclass(import_object(path), ModelParallelStrategy)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
 
 
 def check_optimizer(optimizer: Any) -> None:

@@ -54,28 +54,35 @@ def _scale_velocity(run, when):
 
 
 @pytest.mark.parametrize(
-    "fault,first_bad,reason",
+    "fault,first_bad,reason,steps",
     [
-        (lambda run: _script_reward(run, lambda call: call >= 5, "nan"), 3, r"non-finite rewards in rollout 2"),
+        (lambda run: _script_reward(run, lambda call: call >= 5, "nan"), 3, r"non-finite rewards in rollout 2", 4),
         (lambda run: _scale_velocity(run, lambda: True), 1,
-         r"non-finite latents \(velocities\), log-probs, rewards in rollout 0"),
-        (lambda run: _scale_velocity(run, torch.is_grad_enabled), 1, r"non-finite gradient norm in rollout 0"),
+         r"non-finite latents \(velocities\), log-probs, rewards in rollout 0", 0),
+        # the optimizer steps run with their gradients dropped (weights and AdamW state untouched), and count, as
+        # a step the 16-mixed GradScaler skips counts
+        (lambda run: _scale_velocity(run, torch.is_grad_enabled), 1, r"non-finite gradient norm in rollout 0", 4),
     ],
     ids=["rewards", "velocities", "gradients"],
 )
-def test_non_finite_values_skip_updates_then_stop_keeping_the_last_good_checkpoint(tmp_path, fault, first_bad, reason):
+def test_non_finite_values_skip_updates_then_stop_keeping_the_last_good_checkpoint(tmp_path, fault, first_bad, reason,
+                                                                                   steps):
     run = _run(tmp_path, "--model.max_bad_iterations", "2")
     fault(run)
+    initial = {n: p.detach().clone() for n, p in run.model.policy.named_trainable_parameters()}
     with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError) as error:
         warnings.simplefilter("always")
         run.trainer.fit(run.model, datamodule=run.datamodule)
     assert "2 iterations in a row had non-finite" in str(error.value) and "last checkpoint is good" in str(error.value)
     skips = [str(w.message) for w in caught if "update skipped" in str(w.message)]
     assert skips and re.search(reason, skips[0]), skips
-    good_steps = 2 * (first_bad - 1)  # 2 optimizer steps per good iteration, none from the first bad one on
-    assert run.trainer.global_step == good_steps and run.model.guard.skipped >= 2
+    good_steps = 2 * (first_bad - 1)  # 2 optimizer steps per good iteration
+    assert run.trainer.global_step == steps and run.model.guard.skipped >= 2
     weights = dict(run.model.policy.named_trainable_parameters())
     assert all(torch.isfinite(p).all() for p in weights.values())
+    if not good_steps:  # nothing trained: weights as they started, no AdamW state
+        assert all(torch.equal(initial[n], p) for n, p in weights.items())
+        assert not run.trainer.optimizers[0].state
     if good_steps:  # the last checkpoint holds exactly the weights the run stopped with: nothing lost
         state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
         assert state["global_step"] == good_steps

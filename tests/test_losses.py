@@ -165,3 +165,34 @@ def test_unbiased_group_std_is_dancegrpos():
     assert not torch.allclose(group_advantages(rewards, groups, eps=1e-8), published)  # the population std differs
     flat = group_advantages(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([0, 0, 1]), eps=1e-8, unbiased=True)
     assert torch.equal(flat, torch.zeros(3))  # a flat group and a group of one: no signal, no NaN
+
+
+def _precise_stat_tracker(prompts, rewards, sentinel=-10.0):
+    """The Precise code's PerPromptStatTracker.update (core/stat_tracking.py:11-49, type grpo, per-prompt std),
+    transcribed."""
+    import numpy as np
+
+    prompts, rewards = np.array(prompts), np.array(rewards, dtype=np.float64)
+    advantages = np.zeros_like(rewards)
+    valid = rewards != sentinel
+    for prompt in np.unique(prompts):
+        idx = prompts == prompt
+        kept = rewards[idx][valid[idx]]
+        if len(kept) == 0:
+            continue
+        adv = (rewards[idx] - kept.mean()) / (kept.std() + 1e-4)
+        adv[~valid[idx]] = 0.0
+        advantages[idx] = adv
+    return advantages
+
+
+def test_unscored_images_get_advantage_zero_and_leave_their_groups_statistics():
+    rewards = torch.tensor([0.2, 0.9, math.nan, 0.4, 1.0, 3.0, 2.5, 0.5, math.nan, math.nan])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    valid = ~rewards.isnan()
+    ours = group_advantages(rewards, groups, valid=valid)
+    sentinel = torch.where(valid, rewards, -10.0)
+    published = _precise_stat_tracker(groups.tolist(), sentinel.tolist())
+    torch.testing.assert_close(ours, torch.tensor(published, dtype=torch.float32))
+    assert ours[2] == 0 and ours[8] == 0 and ours[9] == 0 and torch.isfinite(ours).all()
+    assert not torch.allclose(ours[:4], group_advantages(torch.where(valid, rewards, 0.0), groups)[:4])

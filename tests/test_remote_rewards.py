@@ -1,6 +1,6 @@
 """Remote rewards against fake servers on 127.0.0.1: the GenEval reward-server protocol and an OpenAI-compatible
 VLM judge. Normal replies, a 500 then success, a timeout, a malformed reply and a server that is down each give the
-documented behaviour; a missing score becomes NaN, whose iteration takes no update."""
+documented behaviour; a missing score becomes NaN: that image gets advantage 0 and leaves its group's statistics."""
 
 import base64
 import io
@@ -94,7 +94,7 @@ def test_malformed_geneval_reply_gives_nan_and_a_warning_naming_the_url(caplog):
             scores, details = GenEvalReward(fake.url, batch_size=2)(IMAGES, PROMPTS, META)
     assert scores[[0, 1, 4]].tolist() == [1.0, 0.5, 0.25] and scores[[2, 3]].isnan().all()
     assert details["strict_accuracy"][[2, 3]].isnan().all()
-    assert f"unusable reply from {fake.url}" in caplog.text and "update is skipped" in caplog.text
+    assert f"unusable reply from {fake.url}" in caplog.text and "advantage 0" in caplog.text
 
 
 def test_judge_sends_the_published_request_and_weighs_the_parsed_parts(monkeypatch):
@@ -173,18 +173,33 @@ def test_scorer_logs_details_under_the_reward_and_trains_on_the_score_alone():
     torch.testing.assert_close(total, components["judge"])
 
 
-def test_missing_score_skips_the_update_and_training_goes_on(tmp_path):
-    """The demo trained on a judge served over HTTP: the second rollout has one unparsable answer; its update is
-    skipped (weights untouched), the run goes on."""
+def test_missing_score_gives_that_image_advantage_zero_and_training_goes_on(tmp_path):
+    """The demo trained on a judge served over HTTP: the second rollout has one unparsable answer. As the Precise code
+    treats its -10 sentinel (stat_tracking.py:17-49), that image gets advantage 0 and leaves its group's statistics;
+    the update runs (a NaN from a reward that cannot abstain would skip it: tests/test_faults.py)."""
     run = cli.main(demo_args(tmp_path, "--trainer.val_check_interval", "1000", "--model.eval_at_start", "false",
                              "--trainer.max_steps", "6", "--model.max_bad_iterations", "2"), run=False)
     scorer = next(cb for cb in run.trainer.callbacks if isinstance(cb, RewardScorer))
+    advantages = []
+    original = run.model._advantages
+
+    def recording(*args):
+        out = original(*args)
+        advantages.append(out[0])
+        return out
+
+    run.model._advantages = recording
+    unscored = []
+    log = run.model.log
+    run.model.log = lambda key, value, **k: (unscored.append(float(value)) if key == "train/unscored_images"
+                                            else None) or log(key, value, **k)
     with serving("judge", script=lambda n: "garbage" if n == 40 else "ok") as fake:  # rollout 2 of 32 images each
         scorer.rewards = {"judge": UnifiedReward(fake.url, max_in_flight=4)}
         scorer.weights = {"judge": 1.0}
-        with pytest.warns(RuntimeWarning, match="update skipped: non-finite rewards in rollout 1"):
-            run.trainer.fit(run.model, datamodule=run.datamodule)
-    assert len(fake.requests) == 4 * 32 and run.trainer.global_step == 6 and run.model.guard.skipped == 1
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert len(fake.requests) == 3 * 32 and run.trainer.global_step == 6 and run.model.guard.skipped == 0
+    assert unscored == [0.0, 1.0, 0.0]
+    assert torch.isfinite(advantages[1]).all() and (advantages[1] == 0).sum() >= 1
     assert "train/reward_judge/alignment" in run.trainer.callback_metrics
 
 

@@ -334,8 +334,8 @@ def test_dropping_zero_advantage_micro_batches_by_hand(tmp_path, flat):
         module = run.model
         advantages = module._advantages
 
-        def zeroed(rewards, group_ids):
-            adv, flat_count = advantages(rewards, group_ids)
+        def zeroed(rewards, group_ids, scored):
+            adv, flat_count = advantages(rewards, group_ids, scored)
             for m in flat:
                 adv[8 * m : 8 * (m + 1)] = 0
             return adv, flat_count

@@ -103,11 +103,21 @@ class RewardScorer(Callback):
         total = torch.zeros_like(components[next(iter(self.rewards))])
         for name in self.rewards:
             value = components[name]
-            if self.normalize:
+            if self.normalize:  # over the scored images (an abstaining reward's NaN rows stay NaN), as published
                 gathered = self._trainer.strategy.all_gather(value).reshape(-1) if self._trainer else value
-                value = (value - gathered.mean()) / (gathered.std(unbiased=False) + 1e-8)  # numpy's std, as published
+                gathered = gathered[torch.isfinite(gathered)]
+                if gathered.numel():
+                    value = (value - gathered.mean()) / (gathered.std(unbiased=False) + 1e-8)  # numpy's std
             total = total + self.weights[name] * value
         return total
+
+    def abstained(self, components: dict[str, Tensor]) -> Tensor:
+        """[B] bool: the images a trained reward that may abstain (``Reward.may_abstain``) gave no score (NaN)."""
+        out = torch.zeros_like(components[next(iter(self.rewards))], dtype=torch.bool)
+        for name, model in self.rewards.items():
+            if getattr(model, "may_abstain", False):
+                out |= ~torch.isfinite(components[name])
+        return out
 
     @torch.no_grad()
     def evaluate(
@@ -214,7 +224,7 @@ def _call(
     try:
         # Not under the training precision's autocast (scoring runs inside training_step): reward models compute in
         # their own dtype, as the published trainers score them in worker threads, where no autocast acts.
-        with torch.autocast(images.device.type, enabled=False):
+        with torch.autocast(torch.device(getattr(images, "device", "cpu")).type, enabled=False):
             out = model(images, prompts, **kwargs)
     except torch.OutOfMemoryError:
         raise

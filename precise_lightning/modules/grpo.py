@@ -297,10 +297,11 @@ class GRPOModule(Evaluation, PPOUpdate):
                 trajectories, images = self.rollout(cond, noise, slices, generator, on_images=scoring.submit)
             with self._phase("reward"):  # what is left of scoring once sampling is done
                 rewards, components = scoring.result()
-                advantages, flat_groups = self._advantages(rewards, group_ids)
+                scored = ~self.scorer.abstained(components)  # False where a reward gave no score
+                advantages, flat_groups = self._advantages(rewards, group_ids, scored)
             self.log("time/reward_inline_s", scoring.inline_seconds, on_step=True)
             stats: dict[str, list[Tensor]] = defaultdict(list)
-            if self._finite_rollout(trajectories, rewards):
+            if self._finite_rollout(trajectories, rewards[scored]):
                 with self._phase("update"):
                     stats = self.update(trajectories, cond, slices, advantages)
         except torch.OutOfMemoryError as err:
@@ -313,18 +314,20 @@ class GRPOModule(Evaluation, PPOUpdate):
             scoring.close()  # a failed rollout leaves no scoring thread waiting for micro-batches
         self.rollouts += 1
         self.guard.end_iteration()
-        log_iteration(self, rewards, components, advantages, flat_groups, stats, time.perf_counter() - start)
+        log_iteration(self, rewards, components, advantages, flat_groups, stats, time.perf_counter() - start, scored)
 
-    def _advantages(self, rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Group advantages [B] and the number of groups whose rewards are all equal (advantage 0: no signal)."""
+    def _advantages(self, rewards: Tensor, group_ids: Tensor, scored: Tensor) -> tuple[Tensor, Tensor]:
+        """Group advantages [B] and the number of groups whose rewards are all equal (advantage 0: no signal);
+        images without a score (``scored`` False) get advantage 0 and leave their group's statistics."""
         global_std = None
         if self.hparams.std_scope == "global":
-            global_std = self.all_gather(rewards).reshape(-1).float().std(unbiased=self.hparams.std_unbiased)
+            gathered, kept = self.all_gather(rewards).reshape(-1), self.all_gather(scored).reshape(-1)
+            global_std = gathered[kept].float().std(unbiased=self.hparams.std_unbiased)
         advantages = group_advantages(
             rewards, group_ids, self.hparams.std_scope, self.hparams.adv_clip_max, self.hparams.std_eps,
-            global_std=global_std, unbiased=self.hparams.std_unbiased,
+            global_std=global_std, unbiased=self.hparams.std_unbiased, valid=scored,
         )
-        return advantages, flat_groups(rewards, group_ids)
+        return advantages, flat_groups(rewards[scored], group_ids[scored])
 
     def _finite_rollout(self, trajectories: list[Trajectory], rewards: Tensor) -> bool:
         """False (on every rank alike) when any rank's rollout has non-finite latents, log-probs or rewards."""

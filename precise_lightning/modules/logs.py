@@ -12,22 +12,32 @@ _REDUCE = {"ratio_max": "max", "ratio_max_dev": "max", "ratio_drift_first": "max
 
 def log_iteration(
     module: LightningModule, rewards: Tensor, components: dict[str, Tensor], advantages: Tensor, flat_groups: Tensor,
-    stats: dict[str, list[Tensor]], seconds: float,
+    stats: dict[str, list[Tensor]], seconds: float, scored: Tensor | None = None,
 ) -> None:
-    """Log one GRPO iteration: rewards and their spread over all ranks, advantage health, update diagnostics
-    (reduced over ranks: means, or extremes where those matter), skipped updates and throughput."""
+    """Log one GRPO iteration: rewards and their spread over all ranks (of the scored images: ``scored`` [B] is
+    False where a reward gave none), advantage health, update diagnostics (reduced over ranks: means, or extremes
+    where those matter), skipped updates and throughput."""
     batch_size = len(rewards)
     log = dict(on_step=True, batch_size=batch_size)
-    module.log("train/reward", rewards.mean(), prog_bar=True, sync_dist=True, **log)
-    module.log("train/reward_std", module.all_gather(rewards).float().std(unbiased=False), **log)  # over all ranks
+    scored = torch.ones_like(rewards, dtype=torch.bool) if scored is None else scored
+    kept = module.all_gather(scored).reshape(-1)
+    mean = _reduce_over_ranks(module, [rewards[scored]], "mean")
+    if mean is not None:  # None: no image of the batch was scored
+        module.log("train/reward", mean, prog_bar=True, **log)
+    module.log("train/reward_std", module.all_gather(rewards).reshape(-1)[kept].float().std(unbiased=False), **log)
+    module.log("train/unscored_images", (~scored).float().sum(), reduce_fx="sum", sync_dist=True, **log)
     for name, value in components.items():
+        finite = value[~value.isnan()]
         if "/" in name:  # a reward's detail, NaN where it does not apply: the mean of the rest over all ranks
-            mean = _reduce_over_ranks(module, [value[~value.isnan()]], "mean")
+            mean = _reduce_over_ranks(module, [finite], "mean")
             if mean is not None:
                 module.log(f"train/reward_{name}", mean, **log)
             continue
-        module.log(f"train/reward_{name}", value.mean(), sync_dist=True, **log)
-        module.log(f"train/reward_{name}_std", module.all_gather(value).float().std(unbiased=False), **log)
+        mean = _reduce_over_ranks(module, [finite], "mean")
+        if mean is not None:
+            module.log(f"train/reward_{name}", mean, **log)
+        gathered = module.all_gather(value).reshape(-1)
+        module.log(f"train/reward_{name}_std", gathered[~gathered.isnan()].float().std(unbiased=False), **log)
     module.log("train/zero_advantage_fraction", (advantages == 0).float().mean(), sync_dist=True, **log)
     module.log("train/flat_groups", flat_groups, reduce_fx="sum", sync_dist=True, **log)  # all rewards equal
     module.log("train/skipped_updates", float(module.guard.skipped), **log)

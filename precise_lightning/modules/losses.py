@@ -12,7 +12,7 @@ from precise_lightning.sampling.rules import reduce_elements, velocity_gain
 
 def group_advantages(
     rewards: Tensor, group_ids: Tensor, std_scope: str = "group", clip: float = 5.0, eps: float = 1e-4,
-    global_std: Tensor | None = None, unbiased: bool = False,
+    global_std: Tensor | None = None, unbiased: bool = False, valid: Tensor | None = None,
 ) -> Tensor:
     """(r - group mean) / (std + eps), clipped to +-clip (DanceGRPO / Flow-GRPO); rewards, group_ids: [B] -> [B].
 
@@ -20,20 +20,25 @@ def group_advantages(
     when the caller gathered them across ranks, else the std of ``rewards``). The std is the population one
     (Flow-GRPO's and the Precise code's ``np.std``, eps 1e-4) or with ``unbiased`` Bessel's (DanceGRPO's
     ``torch.std``, eps 1e-8). A group whose rewards are all equal gets advantage 0: it carries no signal.
+    Rows where ``valid`` [B] is False (a reward gave no score) get advantage 0 and leave their group's mean and
+    std, as the Precise code's sentinel (``stat_tracking.py:17-49``).
     """
     if std_scope not in ("group", "global"):
         raise ValueError(f"std_scope must be 'group' or 'global', got {std_scope!r}")
-    rewards = rewards.float()
-    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), device=rewards.device).index_add_(0, inverse, rewards)
-    mean = (sums / counts)[inverse]
-    centred = rewards - mean
+    weight = torch.ones_like(rewards, dtype=torch.float32) if valid is None else valid.float()
+    rewards = torch.where(weight > 0, rewards.float(), 0.0)
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    groups = int(inverse.max()) + 1 if len(inverse) else 0
+    counts = torch.zeros(groups, device=rewards.device).index_add_(0, inverse, weight)
+    sums = torch.zeros(groups, device=rewards.device).index_add_(0, inverse, rewards)
+    mean = (sums / counts.clamp_min(1))[inverse]
+    centred = (rewards - mean) * weight
     if std_scope == "group":
-        dof = (counts - 1).clamp_min(1) if unbiased else counts  # a group of one: centred 0, advantage 0
-        var = torch.zeros(len(counts), device=rewards.device).index_add_(0, inverse, centred**2) / dof
+        dof = (counts - 1 if unbiased else counts).clamp_min(1)  # a group of one: centred 0, advantage 0
+        var = torch.zeros(groups, device=rewards.device).index_add_(0, inverse, centred**2) / dof
         std = var.sqrt()[inverse]
     else:
-        std = global_std.float() if global_std is not None else rewards.std(unbiased=unbiased)
+        std = global_std.float() if global_std is not None else rewards[weight > 0].std(unbiased=unbiased)
     return (centred / (std + eps)).clamp(-clip, clip)
 
 

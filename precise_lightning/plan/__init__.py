@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from jsonargparse.typing import import_object
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from precise_lightning.cli import GRPOCLI, main
+from precise_lightning.cli_checks import is_sharded
 from precise_lightning.hub import resolve
 from precise_lightning.modules.pipeline_policy import PipelinePolicy
 from precise_lightning.modules.policy import Policy
@@ -50,12 +50,7 @@ class Recipe:
 
     @property
     def sharded(self) -> bool:
-        strategy = self.config.trainer.strategy
-        path = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "")
-        try:
-            return issubclass(import_object(path), ModelParallelStrategy)
-        except (ImportError, AttributeError, TypeError, ValueError):
-            return False
+        return is_sharded(self.config.trainer.strategy)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -57,6 +57,7 @@ class GenEvalReward(Reward):
     io_bound = True  # waits on a server: scored in the background while sampling goes on
     detail_names = ("strict_accuracy", "accuracy", *(f"{t}_strict_accuracy" for t in TAGS),
                     *(f"{t}_accuracy" for t in TAGS))
+    may_abstain = True  # an unusable reply: no score for those images
 
     def __init__(self, urls: str | list[str] = "http://127.0.0.1:18085", batch_size: int = 64,
                  only_strict: bool = True, eval_only_strict: bool = False, timeout: float = 120.0, retries: int = 5,
@@ -115,8 +116,8 @@ class GenEvalReward(Reward):
             if not (len(scores) == len(strict) == len(correct) == n):
                 raise ValueError(f"{len(scores)} scores for {n} images")
         except Exception as err:  # any malformed reply: no score for these images
-            log.warning("GenEvalReward: unusable reply from %s (%s: %s) for %d images: their rewards are NaN and "
-                        "this iteration's update is skipped", url, type(err).__name__, err, n)
+            log.warning("GenEvalReward: unusable reply from %s (%s: %s) for %d images: their rewards are NaN: "
+                        "they get advantage 0 and leave their groups' statistics", url, type(err).__name__, err, n)
             return {name: [math.nan] * n for name in ("score", *self.detail_names)}
         if any(math.isnan(s) for s in scores):
             log.warning("GenEvalReward: %s sent no score for %d of %d images: this iteration's update is skipped",

@@ -12,7 +12,10 @@ class Reward(nn.Module):
     Class attributes: ``wants_metadata`` (the prompt file's other fields reach ``forward`` as ``metadata``, one
     dict per image) and ``required_metadata`` (fields every prompt must have: checked in the prompt files when the
     config is parsed); ``wants_evaluating`` (``forward`` is told whether images are evaluation images);
-    ``io_bound`` (waits on a server: scored in a background thread); ``detail_names`` (the parts it also returns).
+    ``io_bound`` (waits on a server: scored in a background thread); ``detail_names`` (the parts it also returns);
+    ``may_abstain`` (a NaN score means it gave none for that image, e.g. a judge's answer without scores: the
+    image gets advantage 0 and leaves its group's statistics, as the Precise code treats its -10 sentinel,
+    ``stat_tracking.py:17-49``; a NaN from any other reward is a fault, and the iteration's update is skipped).
     """
 
     wants_metadata: bool = False
@@ -20,3 +23,4 @@ class Reward(nn.Module):
     wants_evaluating: bool = False
     io_bound: bool = False
     detail_names: tuple[str, ...] = ()
+    may_abstain: bool = False

@@ -71,6 +71,7 @@ class UnifiedReward(Reward):
 
     io_bound = True  # waits on a server: scored in the background while sampling goes on
     detail_names = PARTS
+    may_abstain = True  # an unusable reply: no score for those images
 
     def __init__(self, urls: str | list[str], model: str = "UnifiedReward", weights: dict[str, float] | None = None,
                  image_size: int = 512, max_tokens: int = 256, timeout: float = 300.0, retries: int = 5,
@@ -99,7 +100,7 @@ class UnifiedReward(Reward):
         failed = [(url, text) for url, text, parts in answers if parts is None]
         if failed:
             log.warning("UnifiedReward: %d of %d answers hold no parsable scores (e.g. from %s: %r); their rewards "
-                        "are NaN and this iteration's update is skipped", len(failed), len(answers), failed[0][0],
+                        "are NaN: they get advantage 0 and leave their groups' statistics", len(failed), len(answers), failed[0][0],
                         failed[0][1][:200])
         parts = {part: torch.tensor([p[part] if p else math.nan for _, _, p in answers], dtype=torch.float32,
                                     device=device_of(images)) for part in PARTS}
