@@ -13,6 +13,8 @@ class Pacing(Callback):
         self.path, self.pause = Path(path), pause
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        if trainer.is_global_zero:
-            self.path.write_text(str(pl_module.rollouts))
+        if trainer.is_global_zero:  # written whole (a reader polling the file never sees it empty)
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(str(pl_module.rollouts))
+            partial.replace(self.path)
         time.sleep(self.pause)
