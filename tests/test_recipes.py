@@ -121,6 +121,40 @@ KLEIN = [
     ("seed_everything", 42, f"{PRECISE} config/base.py:11"),
 ]
 
+DANCE_LORA = f"{DANCE} scripts/finetune/finetune_flux_grpo_8gpus_lora.sh"
+FLUX1 = [
+    ("model.policy.init_args.model", "black-forest-labs/FLUX.1-dev", f"{DANCE_LORA}:21 (data/flux: FLUX.1-dev)"),
+    ("model.policy.init_args.resolution", 720, f"{DANCE_LORA}:39-40"),
+    ("model.policy.init_args.guidance", 3.5, f"{DANCE} fastvideo/train_grpo_flux_lora.py:177-178"),
+    ("model.policy.init_args.guidance_scale", 1.0, f"{DANCE_LORA}:37 (--cfg 0.0)"),
+    ("model.policy.init_args.gradient_checkpointing", True, f"{DANCE_LORA}:25"),
+    ("model.policy.init_args.lora_rank", 128, f"{DANCE_LORA}:58"),
+    ("model.policy.init_args.lora_alpha", 256.0, f"{DANCE_LORA}:57"),
+    ("model.policy.init_args.lora_targets", ["to_k", "to_q", "to_v", "to_out.0"],
+     f"{DANCE} fastvideo/train_grpo_flux_lora.py:663"),
+    ("model.sampler.init_args.num_steps", 12, f"{DANCE_LORA}:42"),
+    ("model.sampler.init_args.grid.class_path", "precise_lightning.sampling.LinearGrid",
+     f"{DANCE} fastvideo/train_grpo_flux_lora.py:249-251 (sd3_time_shift on linspace)"),
+    ("model.sampler.init_args.grid.init_args.shift", 3.0, f"{DANCE_LORA}:50"),
+    ("model.optimizer.init_args.lr", 3e-4, f"{DANCE_LORA}:33"),
+    ("model.optimizer.init_args.weight_decay", 1e-4, f"{DANCE_LORA}:47"),
+    ("model.clip_range", 4e-6, f"{PRECISE} config/flux2_klein.py:92 (the sampler's PPO settings, README)"),
+    ("model.ratio_norm", True, f"{PRECISE} config/flux2_klein.py:95 (the sampler's PPO settings, README)"),
+    ("model.adv_clip_max", 5.0, f"{DANCE_LORA}:56"),
+    ("model.beta", 0.0, f"{DANCE} fastvideo/train_grpo_flux_lora.py (no KL term)"),
+    ("model.std_scope", "group", f"{DANCE_LORA}:51"),
+    ("model.std_unbiased", True, f"{DANCE} fastvideo/train_grpo_flux_lora.py:486"),
+    ("model.std_eps", 1e-8, f"{DANCE} fastvideo/train_grpo_flux_lora.py:486"),
+    ("model.train_fraction", 0.6, f"{DANCE_LORA}:52-53"),
+    ("model.same_noise_per_group", True, f"{DANCE_LORA}:54"),
+    ("model.updates_per_rollout", 2, f"{DANCE_LORA}:26,31,49 (24 samples per GPU, a step every 12)"),
+    ("model.max_grad_norm", 1.0, f"{DANCE_LORA}:46"),
+    ("data.group_size", 12, f"{DANCE_LORA}:49"),
+    ("reward.rewards.hpsv2.class_path", "precise_lightning.rewards.HPSv2", f"{DANCE_LORA}:48"),
+    ("trainer.precision", "bf16-mixed", f"{DANCE_LORA}:34"),
+    ("seed_everything", 42, f"{DANCE_LORA}:20"),
+]
+
 # The sampler overlays on the Klein recipe: (key, value, source) each.
 OVERLAYS = {
     "configs/samplers/flow_grpo.yaml": [
@@ -154,7 +188,8 @@ OVERLAYS = {
 }
 
 # Global batch per iteration = processes x data.batch_size.
-GLOBAL_BATCH = {"configs/sd35_precise.yaml": 48 * 24, "configs/flux2_klein_precise.yaml": 32 * 8}
+GLOBAL_BATCH = {"configs/sd35_precise.yaml": 48 * 24, "configs/flux2_klein_precise.yaml": 32 * 8,
+                "configs/flux1_dev_hpsv2.yaml": 16 * 12}  # DanceGRPO: 8 GPUs x 2 prompts x 12
 
 
 def _parsed(configs: str, capsys) -> dict:
@@ -172,15 +207,19 @@ def _get(config: dict, key: str):
     return value
 
 
-@pytest.mark.parametrize("config,table", [("configs/sd35_precise.yaml", SD35), ("configs/flux2_klein_precise.yaml", KLEIN)],
-                         ids=["sd35", "flux2_klein"])
+RECIPES = [("configs/sd35_precise.yaml", SD35), ("configs/flux2_klein_precise.yaml", KLEIN),
+           ("configs/flux1_dev_hpsv2.yaml", FLUX1)]
+
+
+@pytest.mark.parametrize("config,table", RECIPES, ids=["sd35", "flux2_klein", "flux1_dev"])
 def test_recipe_matches_the_published_run(config, table, capsys):
     parsed = _parsed(config, capsys)
     wrong = [f"{key}: {_get(parsed, key)!r}, published {value!r} ({source})" for key, value, source in table
              if _get(parsed, key) != value]
     assert not wrong, "\n".join(wrong)
     assert parsed["trainer"]["devices"] * parsed["data"]["batch_size"] == GLOBAL_BATCH[config]
-    assert parsed["model"]["sampler"]["init_args"]["grid"] is None  # the policy's own grid (its scheduler's)
+    if table is not FLUX1:  # DanceGRPO samples FLUX.1 on its own shift-3 linspace (a row above)
+        assert parsed["model"]["sampler"]["init_args"]["grid"] is None  # the policy's own grid (its scheduler's)
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))

@@ -13,11 +13,13 @@ Conventions (DESIGN.md section 1), used by every function here:
 
 from precise_lightning.sampling.grids import (
     Flux2Grid,
+    FluxGrid,
     LinearGrid,
     SD3Grid,
     TimeGrid,
     flux2_empirical_mu,
     flux2_timesteps,
+    flux_timesteps,
     sd3_timesteps,
     shifted_linspace,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "DEFAULT_ETA",
     "RULES",
     "Flux2Grid",
+    "FluxGrid",
     "LinearGrid",
     "PerSample",
     "SD3Grid",
@@ -45,6 +48,7 @@ __all__ = [
     "Trajectory",
     "flux2_empirical_mu",
     "flux2_timesteps",
+    "flux_timesteps",
     "gaussian_log_prob",
     "posterior_estimates",
     "rollout",

@@ -7,6 +7,8 @@ small classes that wrap them so a config can choose a grid by ``class_path``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -52,12 +54,29 @@ def flux2_empirical_mu(image_seq_len: int, num_steps: int) -> float:
     return slope * num_steps + (m_200 - 200.0 * slope)
 
 
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """The FLUX.1 pipeline's shift mu, linear in the latent tokens per image (diffusers' ``calculate_shift``)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+def flux_timesteps(num_steps: int, image_seq_len: int, **shift: float) -> Tensor:
+    """FLUX.1 grid: ``linspace(1, 1/N, N)`` shifted by exp(mu) / (exp(mu) + 1/t - 1) with :func:`flux_mu`, then 0."""
+    _check_steps(num_steps)
+    return _exponential_shift(num_steps, image_seq_len, lambda: flux_mu(image_seq_len, **shift))
+
+
 def flux2_timesteps(num_steps: int, image_seq_len: int) -> Tensor:
     """FLUX.2 Klein grid: ``linspace(1, 1/N, N)`` shifted by exp(mu) / (exp(mu) + 1/t - 1), then 0."""
     _check_steps(num_steps)
+    return _exponential_shift(num_steps, image_seq_len, lambda: flux2_empirical_mu(image_seq_len, num_steps))
+
+
+def _exponential_shift(num_steps: int, image_seq_len: int, mu_of: Callable[[], float]) -> Tensor:
     if image_seq_len < 1:
         raise ValueError(f"image_seq_len must be >= 1 (latent tokens per image), got {image_seq_len}")
-    mu = flux2_empirical_mu(image_seq_len, num_steps)
+    mu = mu_of()
     t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
     # elementwise division, as diffusers' numpy does: torch's scalar / tensor multiplies by a reciprocal, which left
     # the first time at 1 - 1e-16 (at 1024 tokens, the Klein recipe's 512 px) and the sampler refused the grid
@@ -111,3 +130,17 @@ class Flux2Grid(TimeGrid):
 
     def __call__(self, num_steps: int) -> Tensor:
         return flux2_timesteps(num_steps, self.image_seq_len)
+
+
+class FluxGrid(Flux2Grid):
+    """FLUX.1 grid (its scheduler's dynamic shift; the defaults are FLUX.1-dev's scheduler config); a FLUX.1
+    policy's own grid (``FluxPolicy.default_grid``) takes the tokens from the policy's resolution."""
+
+    def __init__(self, image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                 max_shift: float = 1.15) -> None:
+        super().__init__(image_seq_len)
+        self.shift = dict(base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift,
+                          max_shift=max_shift)
+
+    def __call__(self, num_steps: int) -> Tensor:
+        return flux_timesteps(num_steps, self.image_seq_len, **self.shift)

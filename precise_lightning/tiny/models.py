@@ -15,16 +15,27 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, Qwen3Config, Qwen3ForCausalLM, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    T5Config,
+    T5EncoderModel,
+)
 
 from precise_lightning.tiny.rewards import Size
 from precise_lightning.tiny.tokenizers import clip_tokenizer, qwen3_tokenizer, t5_tokenizer
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 FLUX2_KLEIN = "black-forest-labs/FLUX.2-klein-base-4B"
+FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
 PUBLISHED = Path(__file__).parent / "published"
 TINY_RESOLUTION = 32  # pixels; the tiny VAE halves it once, the transformer's 2x2 patches halve it again
 
@@ -125,6 +136,41 @@ def flux2_klein_pipeline(size: Size = "tiny", depth: int | None = None) -> Flux2
     )
 
 
+def flux1_dev_pipeline(size: Size = "tiny", depth: int | None = None) -> FluxPipeline:
+    """FLUX.1-dev: a FLUX.1 transformer (19 double + 38 single blocks, guidance distilled: the guidance is an input
+    embedding), CLIP-L (pooled) and T5-XXL, the 16-channel VAE with scaling and shift, the scheduler's dynamic shift."""
+    tokenizer_2 = t5_tokenizer()
+    if size == "tiny":
+        clip = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    projection_dim=16, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
+        t5 = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, vocab_size=len(tokenizer_2))
+        transformer = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                           num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                           axes_dims_rope=(2, 2, 4))
+        vae = dict(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                   sample_size=TINY_RESOLUTION)
+    else:
+        real = published(FLUX1_DEV)
+        clip = real["text_encoder"] | _capped(real["text_encoder"], "num_hidden_layers", depth)
+        t5 = T5Config(**real["text_encoder_2"] | _capped(real["text_encoder_2"], "num_layers", depth))
+        transformer = real["transformer"] | _capped(real["transformer"], "num_layers", depth) \
+            | _capped(real["transformer"], "num_single_layers", depth)
+        vae = dict(real["vae"])
+    real_vae = published(FLUX1_DEV)["vae"]  # the tiny VAE keeps the published scaling and shift too
+    vae = {k: real_vae[k] for k in ("in_channels", "out_channels", "scaling_factor", "shift_factor",
+                                    "use_quant_conv", "use_post_quant_conv")} | vae
+    blocks = len(vae["block_out_channels"])
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**published(FLUX1_DEV)["scheduler"]),
+        vae=AutoencoderKL(**vae, down_block_types=("DownEncoderBlock2D",) * blocks,
+                          up_block_types=("UpDecoderBlock2D",) * blocks),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**clip)), tokenizer=clip_tokenizer(),
+        text_encoder_2=T5EncoderModel(t5), tokenizer_2=tokenizer_2,
+        transformer=FluxTransformer2DModel(**{"patch_size": 1, "guidance_embeds": True} | transformer),
+    )
+
+
 def write_models(root: Path, size: Size = "tiny", depth: int | None = None) -> None:
     sd35_pipeline(size, depth).save_pretrained(root / SD35_MEDIUM)
     flux2_klein_pipeline(size, depth).save_pretrained(root / FLUX2_KLEIN)
+    flux1_dev_pipeline(size, depth).save_pretrained(root / FLUX1_DEV)
