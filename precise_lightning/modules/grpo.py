@@ -1,4 +1,5 @@
-"""GRPOModule: online GRPO for flow-matching policies with a pluggable stochastic sampler (DESIGN section 3)."""
+"""GRPOModule: online GRPO for flow-matching policies with a pluggable stochastic sampler (README, "The training
+iteration")."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ class GRPOModule(Evaluation, PPOUpdate):
         updates_per_rollout: optimizer steps per inner epoch; gradients accumulate over steps and micro-batches
             in between (the Precise recipe: 2).
         max_grad_norm: gradient clipping by total norm (None disables it).
-        ratio_norm: GRPO-Guard ratio normalisation (DESIGN section 6).
+        ratio_norm: GRPO-Guard ratio normalisation (README, "Which trained step drives the update").
         drop_zero_advantage: skip micro-batches whose every sample has advantage 0 (flat groups: no signal) in the
             update, and average the loss over the kept ones, as the published trainers drop such samples; saves
             their forward and backward passes (see :func:`~precise_lightning.modules.checks.update_plan`).

@@ -1,6 +1,6 @@
 """Stochastic samplers for flow-matching models: step rules, time grids and the rollout loop. Pure torch.
 
-Conventions (DESIGN.md section 1), used by every function here:
+Conventions, used by every function here:
 
 - ``x_t = (1 - t) x0 + t eps`` with ``t`` in [0, 1]; ``t = 1`` is pure noise (diffusers' ``sigma`` is our ``t``).
 - The network predicts the velocity ``v = eps - x0``; sampling runs ``t -> t' < t``.

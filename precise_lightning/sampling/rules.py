@@ -19,7 +19,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 def posterior_estimates(x: Tensor, v: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Clean-latent mean x0_hat = x - t v and noise estimate eps_hat = x + (1 - t) v (DESIGN section 1)."""
+    """Clean-latent mean x0_hat = x - t v and noise estimate eps_hat = x + (1 - t) v, for x_t = (1 - t) x0 + t eps."""
     return x - t * v, x + (1 - t) * v
 
 
