@@ -81,3 +81,14 @@ def test_recipe_trains_two_iterations_and_its_lora_loads_into_a_stock_pipeline(t
     torch.testing.assert_close(_policy_image(policy, noise, 6), trained, rtol=0, atol=1e-5)
     base = FluxPipeline.from_pretrained(model_root / FLUX1_DEV)
     assert (_stock_image(base, noise, 6, 3.5) - trained).abs().max() > 1e-3
+
+
+def test_fsdp2_shards_each_double_and_single_block(model_root):
+    """The shard units FSDP2 wraps one by one are the transformer's blocks (with LoRA: the base model's)."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    policy = FluxPolicy(resolution=TINY_RESOLUTION, lora_rank=4, lora_targets=["to_q", "to_k", "to_v", "to_out.0"])
+    units = policy.shard_units(policy.denoiser)
+    config = policy.pipeline.transformer.config
+    assert len(units) == config.num_layers + config.num_single_layers == 2
+    assert [type(u) for u in units] == [FluxTransformerBlock, FluxSingleTransformerBlock]
