@@ -27,17 +27,13 @@ def log_iteration(
     module.log("train/reward_std", module.all_gather(rewards).reshape(-1)[kept].float().std(unbiased=False), **log)
     module.log("train/unscored_images", (~scored).float().sum(), reduce_fx="sum", sync_dist=True, **log)
     for name, value in components.items():
-        finite = value[~value.isnan()]
-        if "/" in name:  # a reward's detail, NaN where it does not apply: the mean of the rest over all ranks
-            mean = _reduce_over_ranks(module, [finite], "mean")
-            if mean is not None:
-                module.log(f"train/reward_{name}", mean, **log)
-            continue
-        mean = _reduce_over_ranks(module, [finite], "mean")
+        # NaN: a reward's detail where it does not apply, a reward where it gave no score; the mean of the rest
+        mean = _reduce_over_ranks(module, [value[~value.isnan()]], "mean")
         if mean is not None:
             module.log(f"train/reward_{name}", mean, **log)
-        gathered = module.all_gather(value).reshape(-1)
-        module.log(f"train/reward_{name}_std", gathered[~gathered.isnan()].float().std(unbiased=False), **log)
+        if "/" not in name:  # a reward, not a detail: its spread over all ranks too
+            gathered = module.all_gather(value).reshape(-1)
+            module.log(f"train/reward_{name}_std", gathered[~gathered.isnan()].float().std(unbiased=False), **log)
     module.log("train/zero_advantage_fraction", (advantages == 0).float().mean(), sync_dist=True, **log)
     module.log("train/flat_groups", flat_groups, reduce_fx="sum", sync_dist=True, **log)  # all rewards equal
     module.log("train/skipped_updates", float(module.guard.skipped), **log)
