@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = {
     "ddp": ["--trainer.strategy", "ddp"],
-    "fsdp2": ["--trainer.strategy", "precise_lightning.modules.sharding.ShardedStrategy",
+    "fsdp2": ["--trainer.strategy", "precise_lightning.sharding.ShardedStrategy",
               "--trainer.strategy.init_args.data_parallel_size", "2",
               "--trainer.strategy.init_args.tensor_parallel_size", "1", "--model.shard_param_dtype", "float32"],
 }

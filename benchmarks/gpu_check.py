@@ -26,7 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from precise_lightning import cli
 from precise_lightning.tiny import write_tiny
-from precise_lightning.tiny.rewards import write_clip_rewards, write_hpsv2, write_imagereward
+from precise_lightning.architectures.rewards import write_clip_rewards, write_hpsv2, write_imagereward
 
 RECIPES = {"sd35": "configs/sd35_precise.yaml", "flux2_klein": "configs/flux2_klein_precise.yaml"}
 PHASES = ["encode", "rollout", "reward", "update"]

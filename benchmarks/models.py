@@ -25,22 +25,23 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from precise_lightning import cli
-from precise_lightning.tiny.models import FLUX2_KLEIN, SD35_MEDIUM, flux2_klein_pipeline, sd35_pipeline
-from precise_lightning.tiny.rewards import write_clip_rewards, write_hpsv2
+from precise_lightning.architectures.rewards import write_clip_rewards, write_hpsv2
+from precise_lightning.policies.flux2 import Flux2KleinPolicy
+from precise_lightning.policies.sd3 import SD3Policy
 
-RECIPES = {  # name: (config, hub id, builder)
-    "sd35": ("configs/sd35_precise.yaml", SD35_MEDIUM, sd35_pipeline),
-    "flux2_klein": ("configs/flux2_klein_precise.yaml", FLUX2_KLEIN, flux2_klein_pipeline),
+RECIPES = {  # name: (config, policy)
+    "sd35": ("configs/sd35_precise.yaml", SD3Policy),
+    "flux2_klein": ("configs/flux2_klein_precise.yaml", Flux2KleinPolicy),
 }
 PHASES = ["encode", "rollout", "reward", "update"]
 
 
 def run_recipe(name: str, root: Path, args: argparse.Namespace, logs: Path) -> dict:
-    config, hub_id, build = RECIPES[name]
+    config, policy = RECIPES[name]
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        build(args.size, args.depth).save_pretrained(root / hub_id)
+        policy.build(args.size, args.depth).save_pretrained(root / policy.hub_id)
     write_s = time.perf_counter() - start
     gpu = torch.cuda.is_available()
     overrides = [

@@ -37,7 +37,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from precise_lightning import cli
 from precise_lightning.modules.checks import micro_slices, update_groups
-from precise_lightning.modules.policy import slice_cond
+from precise_lightning.policies.base import slice_cond
 
 SETTINGS = {
     "demo": ["--config", "configs/digits_precise.yaml"],

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from precise_lightning.hub import set_model_root
-from precise_lightning.modules import DigitsPolicy
+from precise_lightning.policies import DigitsPolicy
 from precise_lightning.rewards import AestheticScore, CLIPScore, HPSv2, ImageReward, PickScore
 from precise_lightning.sampling import Sampler
-from precise_lightning.tiny.rewards import (
+from precise_lightning.architectures.rewards import (
     AESTHETIC_DIR, write_aesthetic, write_clip_rewards, write_hpsv2, write_imagereward,
 )
 

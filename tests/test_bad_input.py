@@ -32,7 +32,7 @@ def test_each_bad_input_of_the_readme_gets_its_message(tmp_path, monkeypatch, ca
     args = [str(tmp_path / a) if a in ("A_FILE", "BAD_YAML", "MISSING.ckpt", "TEXT.ckpt") else a
             for a in shlex.split(command)]
     if when == "parse":
-        monkeypatch.setattr("precise_lightning.modules.digits.DigitsFlowNet",
+        monkeypatch.setattr("precise_lightning.policies.digits.DigitsFlowNet",
                             lambda *a, **k: pytest.fail("a model was built before the check"))
     with pytest.raises(SystemExit) as exit_info:
         cli.run(args)

@@ -127,7 +127,7 @@ def test_an_explicit_checkpoint_is_the_same_resume_as_last_and_the_command_line_
     last = run_dir(tmp_path / "a") / "checkpoints" / "last.ckpt"
     truncated = last.parent / "copy.ckpt"
     truncated.write_bytes(last.read_bytes()[:1000])
-    monkeypatch.setattr("precise_lightning.modules.digits.DigitsFlowNet",
+    monkeypatch.setattr("precise_lightning.policies.digits.DigitsFlowNet",
                         lambda *a, **k: pytest.fail("a model was built before the check"))
     with pytest.raises(CheckpointError, match=f"{truncated} cannot be read .*newest intact checkpoint beside it is "
                                               f"{last}"):

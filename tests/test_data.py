@@ -166,7 +166,7 @@ def test_parse_digit():
 
 def test_cached_models_leave_the_global_rng_alone(tmp_path, monkeypatch):
     """A run must not depend on whether the base model was trained in-process or loaded from the cache."""
-    from precise_lightning.modules import DigitsPolicy
+    from precise_lightning.policies import DigitsPolicy
     from precise_lightning.rewards import DigitClassifierReward
 
     monkeypatch.setenv("PRECISE_LIGHTNING_CACHE", str(tmp_path))

@@ -12,7 +12,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
 from conftest import scalars
-from precise_lightning.tiny.models import SD35_MEDIUM
+from precise_lightning.policies.sd3 import SD35_MEDIUM
 
 pytestmark = pytest.mark.slow  # multi-process fits: minutes, left out of the inner loop
 
@@ -21,7 +21,7 @@ GLOBAL_BATCH = 32  # images per iteration over all processes: 4 prompts x 8
 STRATEGIES = {
     "single": ["--trainer.devices", "1", "--trainer.strategy", "auto"],
     "ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
-    "fsdp": ["--trainer.devices", "2", "--trainer.strategy", "precise_lightning.modules.sharding.ShardedStrategy",
+    "fsdp": ["--trainer.devices", "2", "--trainer.strategy", "precise_lightning.sharding.ShardedStrategy",
              "--trainer.strategy.init_args.data_parallel_size", "2",
              "--trainer.strategy.init_args.tensor_parallel_size", "1",
              "--model.shard_param_dtype", "float32"],  # float32 compute, to compare with the unsharded runs

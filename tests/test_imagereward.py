@@ -11,7 +11,7 @@ import torch
 from precise_lightning.hub import WeightsNotFoundError
 from precise_lightning.rewards import ImageReward
 from precise_lightning.rewards.imagereward import CHECKPOINT, MEAN, STD, split_checkpoint
-from precise_lightning.tiny.rewards import BERT, IMAGEREWARD, write_imagereward
+from precise_lightning.architectures.rewards import BERT, IMAGEREWARD, write_imagereward
 
 REFERENCE = Path(__file__).parent / "reference"
 sys.path.insert(0, str(REFERENCE))

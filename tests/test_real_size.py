@@ -17,7 +17,7 @@ from precise_lightning.plan import build_policy, parse, plan
 from precise_lightning.plan.memory import FrozenAwareMemTracker
 from precise_lightning.plan.rewards import PUBLISHED
 from precise_lightning.rewards import CLIPScore, PickScore
-from precise_lightning.tiny.models import flux2_klein_pipeline, sd35_pipeline
+from precise_lightning.policies import Flux2KleinPolicy, SD3Policy
 
 # Published figures: each component's weights file(s) as listed in the hub repository (decimal GB, 3 significant
 # figures; bfloat16 / float16: 2 bytes a value). The file holds the state dict: parameters and persistent buffers
@@ -39,7 +39,7 @@ def _stored_values(module: nn.Module) -> int:
 @pytest.fixture(scope="module")
 def pipelines():
     with torch.device("meta"):
-        return {"sd35": sd35_pipeline("real"), "klein": flux2_klein_pipeline("real")}
+        return {"sd35": SD3Policy.build("real"), "klein": Flux2KleinPolicy.build("real")}
 
 
 @pytest.mark.parametrize("name, files, counts", [("sd35", SD35_FILES_GB, SD35_PARAMETERS),

@@ -10,7 +10,8 @@ import yaml
 import cli
 from conftest import ROOT, demo_args, run_dir, scalars, tensorboard
 from precise_lightning.callbacks import EMA, RewardScorer
-from precise_lightning.modules import DigitsPolicy, GRPOModule
+from precise_lightning.modules import GRPOModule
+from precise_lightning.policies import DigitsPolicy
 from precise_lightning.sampling import Sampler
 
 # The demo's configs (overlays have no model section; the base-model recipes are parsed in test_sd3.py).
@@ -164,14 +165,14 @@ def test_bad_configs_fail_with_a_message(tmp_path, extra, message):
     ids=["precise-eta-0", "flow-eta-0", "max-steps", "float16"],
 )
 def test_silent_no_ops_are_refused_before_any_model_loads(tmp_path, monkeypatch, extra, message):
-    monkeypatch.setattr("precise_lightning.modules.digits.DigitsFlowNet",
+    monkeypatch.setattr("precise_lightning.policies.digits.DigitsFlowNet",
                         lambda *a, **k: pytest.fail("a model was built before the check"))
     with pytest.raises(ValueError, match=message):
         cli.main(["fit", *demo_args(tmp_path, *extra)])
 
 
 def test_micro_batches_must_split_evenly_checked_at_parse(tmp_path, monkeypatch):
-    monkeypatch.setattr("precise_lightning.modules.digits.DigitsFlowNet",
+    monkeypatch.setattr("precise_lightning.policies.digits.DigitsFlowNet",
                         lambda *a, **k: pytest.fail("a model was built before the check"))
     with pytest.raises(ValueError, match=r"data.batch_size \(32\) must split into micro-batches of 12"):
         cli.main(demo_args(tmp_path, "--model.micro_batch_size", "12"), run=False)

@@ -27,7 +27,7 @@ from precise_lightning.modules.evaluation import Evaluation
 from precise_lightning.modules.guard import NonFiniteGuard, destroy_process_group_at_exit, non_finite_parts, oom_advice
 from precise_lightning.modules.logs import log_iteration
 from precise_lightning.modules.losses import flat_groups, group_advantages
-from precise_lightning.modules.policy import Policy, slice_cond
+from precise_lightning.policies.base import Policy, slice_cond
 from precise_lightning.modules.run_state import (
     all_ranks,
     derived_seed,
@@ -35,7 +35,7 @@ from precise_lightning.modules.run_state import (
     rng_states,
     signature_differences,
 )
-from precise_lightning.modules.sharding import data_parallel_mesh, shard_policy
+from precise_lightning.sharding import data_parallel_mesh, shard_policy
 from precise_lightning.modules.update import PPOUpdate
 from precise_lightning.sampling import PerSample, Sampler, Trajectory
 

@@ -68,7 +68,7 @@ def oom_advice(phase: str, batch_size: int, micro_batch_size: int, lora_rank: in
         else "train LoRA adapters (model.policy.init_args.lora_rank > 0) instead of the whole denoiser",
     ]
     if not sharded:
-        knobs.append("shard the denoiser: trainer.strategy: precise_lightning.modules.sharding.ShardedStrategy "
+        knobs.append("shard the denoiser: trainer.strategy: precise_lightning.sharding.ShardedStrategy "
                      "(FSDP2, see the README's section on scale)")
     return f"out of memory in the {phase} phase. To use less memory:\n  - " + "\n  - ".join(knobs)
 

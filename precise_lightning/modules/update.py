@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from precise_lightning.modules.checks import update_groups, update_plan
 from precise_lightning.modules.losses import cps_log_ratio, grpo_guard_log_ratio, kl_penalty, ppo_policy_loss
-from precise_lightning.modules.policy import slice_cond
+from precise_lightning.policies.base import slice_cond
 from precise_lightning.modules.run_state import derived_seed
 from precise_lightning.sampling import Trajectory, velocity_gain
 

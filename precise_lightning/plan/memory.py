@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode
 
-from precise_lightning.modules.policy import Policy, slice_cond
+from precise_lightning.policies.base import Policy, slice_cond
 
 GB = 1e9
 

@@ -61,10 +61,16 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
     return image_seq_len * slope + (base_shift - slope * base_seq_len)
 
 
-def flux_timesteps(num_steps: int, image_seq_len: int, **shift: float) -> Tensor:
-    """FLUX.1 grid: ``linspace(1, 1/N, N)`` shifted by exp(mu) / (exp(mu) + 1/t - 1) with :func:`flux_mu`, then 0."""
+def flux_timesteps(num_steps: int, image_seq_len: int, shift_terminal: float | None = None, **shift: float) -> Tensor:
+    """FLUX.1 / Qwen-Image grid: ``linspace(1, 1/N, N)`` shifted by exp(mu) / (exp(mu) + 1/t - 1) with
+    :func:`flux_mu`; with ``shift_terminal`` (Qwen-Image's 0.02) ``1 - t`` is then scaled so that the last time is
+    ``shift_terminal`` (diffusers' ``stretch_shift_to_terminal``); then 0."""
     _check_steps(num_steps)
-    return _exponential_shift(num_steps, image_seq_len, lambda: flux_mu(image_seq_len, **shift))
+    times = _exponential_shift(num_steps, image_seq_len, lambda: flux_mu(image_seq_len, **shift))
+    if shift_terminal:
+        one_minus = 1 - times[:-1]
+        times[:-1] = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
+    return times
 
 
 def flux2_timesteps(num_steps: int, image_seq_len: int) -> Tensor:
@@ -133,14 +139,18 @@ class Flux2Grid(TimeGrid):
 
 
 class FluxGrid(Flux2Grid):
-    """FLUX.1 grid (its scheduler's dynamic shift; the defaults are FLUX.1-dev's scheduler config); a FLUX.1
-    policy's own grid (``FluxPolicy.default_grid``) takes the tokens from the policy's resolution."""
+    """The grid of diffusers' dynamically shifted schedulers (FLUX.1, Qwen-Image; the defaults are FLUX.1-dev's
+    scheduler config); a policy's own grid (``default_grid``) takes the tokens from the policy's resolution and the
+    rest from its scheduler's config."""
 
     def __init__(self, image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
-                 max_shift: float = 1.15) -> None:
+                 max_shift: float = 1.15, shift_terminal: float | None = None) -> None:
         super().__init__(image_seq_len)
+        if shift_terminal is not None and not 0 < shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be in (0, 1) (the last time before 0), got {shift_terminal}")
         self.shift = dict(base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift,
                           max_shift=max_shift)
+        self.shift_terminal = shift_terminal
 
     def __call__(self, num_steps: int) -> Tensor:
-        return flux_timesteps(num_steps, self.image_seq_len, **self.shift)
+        return flux_timesteps(num_steps, self.image_seq_len, self.shift_terminal, **self.shift)

@@ -38,7 +38,7 @@ def inputs():
 
 
 def write(directory: Path) -> None:
-    from precise_lightning.tiny.rewards import write_imagereward
+    from precise_lightning.architectures.rewards import write_imagereward
 
     write_imagereward(directory, "real", text_layers=TEXT_LAYERS, seed=SEED)
 

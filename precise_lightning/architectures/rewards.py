@@ -7,16 +7,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal
 
 import open_clip
 import torch
 from torch import Tensor
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from precise_lightning.tiny.tokenizers import bert_tokenizer, clip_tokenizer
+from precise_lightning.architectures.parts import Size
+from precise_lightning.architectures.tokenizers import bert_tokenizer, clip_tokenizer
 
-Size = Literal["tiny", "real"]
 PICKSCORE, PICKSCORE_PROCESSOR = "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIPSCORE, HPSV2, HPSV2_FILE = "openai/clip-vit-large-patch14", "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 

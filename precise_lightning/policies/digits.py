@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from precise_lightning.data.digits import cached_state_dict, digit_labels, isolated_rng, load_digits
-from precise_lightning.modules.policy import Policy
+from precise_lightning.policies.base import Policy
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
-from diffusers import FluxPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from torch import Tensor, nn
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from precise_lightning.modules.pipeline_policy import PipelinePolicy, denoiser_dtype
+from precise_lightning.architectures.parts import TINY_VAE, Size, capped, kl_vae, published
+from precise_lightning.architectures.tokenizers import clip_tokenizer, t5_tokenizer
+from precise_lightning.policies.pipeline import PipelinePolicy, denoiser_dtype
 from precise_lightning.sampling import FluxGrid
-from precise_lightning.tiny.models import flux1_dev_pipeline
+
+FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
 
 
 class FluxPolicy(PipelinePolicy):
@@ -25,17 +28,45 @@ class FluxPolicy(PipelinePolicy):
     guidance) stays 1. Other arguments: :class:`PipelinePolicy`'s (``model`` defaults to FLUX.1-dev).
     """
 
+    hub_id = FLUX1_DEV
     pipeline_class = FluxPipeline
-    random_pipeline = staticmethod(partial(flux1_dev_pipeline, "real"))
     frozen = ("text_encoder", "text_encoder_2", "vae")
 
-    def __init__(self, model: str = "black-forest-labs/FLUX.1-dev", guidance: float = 3.5, **kwargs: Any) -> None:
-        super().__init__(model, **kwargs)
-        if not self.pipeline.transformer.config.guidance_embeds:
-            raise ValueError(f"{model} has no guidance embedding (FLUX.1-schnell?): FluxPolicy trains FLUX.1-dev")
+    def __init__(self, guidance: float = 3.5, **kwargs: Any) -> None:
         if guidance <= 0:
             raise ValueError(f"guidance must be > 0 (FLUX.1-dev's embedded guidance, 3.5 by default), got {guidance}")
+        super().__init__(**kwargs)
+        if not self.pipeline.transformer.config.guidance_embeds:
+            raise ValueError(f"{self.model} has no guidance embedding (FLUX.1-schnell?): FluxPolicy trains FLUX.1-dev")
         self.guidance = guidance
+
+    @staticmethod
+    def build(size: Size = "tiny", depth: int | None = None) -> FluxPipeline:
+        """FLUX.1-dev: a FLUX.1 transformer (19 double + 38 single blocks, guidance distilled: the guidance is an input
+        embedding), CLIP-L (pooled) and T5-XXL, the 16-channel VAE with scaling and shift, the scheduler's dynamic
+        shift."""
+        tokenizer_2 = t5_tokenizer()
+        real = published(FLUX1_DEV)
+        if size == "tiny":
+            clip = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        projection_dim=16, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
+            t5 = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, vocab_size=len(tokenizer_2))
+            transformer = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                               axes_dims_rope=(2, 2, 4))
+            vae = dict(TINY_VAE, latent_channels=4)
+        else:
+            clip = real["text_encoder"] | capped(real["text_encoder"], "num_hidden_layers", depth)
+            t5 = T5Config(**real["text_encoder_2"] | capped(real["text_encoder_2"], "num_layers", depth))
+            transformer = real["transformer"] | capped(real["transformer"], "num_layers", depth) \
+                | capped(real["transformer"], "num_single_layers", depth)
+            vae = dict(real["vae"])
+        return FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**real["scheduler"]), vae=kl_vae(FLUX1_DEV, vae),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**clip)), tokenizer=clip_tokenizer(),
+            text_encoder_2=T5EncoderModel(t5), tokenizer_2=tokenizer_2,
+            transformer=FluxTransformer2DModel(**{"patch_size": 1, "guidance_embeds": True} | transformer),
+        )
 
     def default_grid(self) -> FluxGrid:
         """``linspace(1, 1/N, N)`` shifted by the scheduler's mu at this resolution's latent tokens."""
@@ -49,6 +80,11 @@ class FluxPolicy(PipelinePolicy):
             raise ValueError(f"resolution ({resolution}) must be a multiple of {factor} (VAE factor x 2x2 packing)")
         side = resolution // pipe.vae_scale_factor
         return (pipe.transformer.config.in_channels // 4, side, side)
+
+    def pipeline_call_arguments(self, latents: Tensor) -> dict[str, Any]:
+        b, c, h, w = latents.shape
+        return super().pipeline_call_arguments(self.pipeline._pack_latents(latents, b, c, h, w)) | {
+            "guidance_scale": self.guidance, "true_cfg_scale": self.guidance_scale, "negative_prompt": self.negative_prompt}
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         """{"embeds": [B, L, D], "pooled": [B, P], "text_ids": [B, L, 3]} (ids repeated per row, so that a batch

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
-from diffusers import Flux2KleinPipeline
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from torch import Tensor, nn
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from precise_lightning.modules.pipeline_policy import PipelinePolicy, denoiser_dtype
+from precise_lightning.architectures.parts import TINY_VAE, Size, capped, published
+from precise_lightning.architectures.tokenizers import qwen3_tokenizer
+from precise_lightning.policies.pipeline import PipelinePolicy, denoiser_dtype
 from precise_lightning.sampling import Flux2Grid
-from precise_lightning.tiny.models import flux2_klein_pipeline
+
+FLUX2_KLEIN = "black-forest-labs/FLUX.2-klein-base-4B"
 
 
 class Flux2KleinPolicy(PipelinePolicy):
@@ -21,14 +24,52 @@ class Flux2KleinPolicy(PipelinePolicy):
     (``Flux2Grid(image_seq_len)``). Arguments: :class:`PipelinePolicy`'s (``model`` defaults to Klein base 4B).
     """
 
+    hub_id = FLUX2_KLEIN
     pipeline_class = Flux2KleinPipeline
-    random_pipeline = staticmethod(partial(flux2_klein_pipeline, "real"))
     frozen = ("text_encoder", "vae")
 
-    def __init__(self, model: str = "black-forest-labs/FLUX.2-klein-base-4B", **kwargs: Any) -> None:
-        super().__init__(model, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if self.pipeline.config.is_distilled and self.guidance_scale > 1:
             raise ValueError("this FLUX.2 Klein checkpoint is step-distilled and ignores guidance: set guidance_scale 1")
+
+    @staticmethod
+    def build(size: Size = "tiny", depth: int | None = None) -> Flux2KleinPipeline:
+        """FLUX.2 Klein base 4B: a FLUX.2 transformer (5 double + 20 single blocks, 128 latent channels) reading
+        Qwen3-4B's hidden layers 9 / 18 / 27 (so the text encoder keeps at least 28 layers whatever ``depth``), the
+        FLUX.2 VAE with batch-norm latent statistics (set away from (0, 1) so that decoding is tested with them),
+        and Klein's scheduler (dynamic exponential shift, mu from the pipeline)."""
+        tokenizer = qwen3_tokenizer()
+        if size == "tiny":
+            qwen = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=28,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+            transformer = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                               num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
+                               axes_dims_rope=(4, 4, 4, 4))
+            vae = dict(TINY_VAE, latent_channels=4)
+        else:
+            real = published(FLUX2_KLEIN)
+            qwen = real["text_encoder"] | capped(real["text_encoder"], "num_hidden_layers", depth, floor=28)
+            transformer = real["transformer"] | capped(real["transformer"], "num_layers", depth) \
+                | capped(real["transformer"], "num_single_layers", depth)
+            vae = dict(real["vae"])
+        blocks = len(vae["block_out_channels"])
+        vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * blocks,
+                                 up_block_types=("UpDecoderBlock2D",) * blocks, **vae)
+        vae.bn.running_mean.normal_(0, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+        return Flux2KleinPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+            ),
+            vae=vae,
+            text_encoder=Qwen3ForCausalLM(Qwen3Config(**{"max_position_embeddings": 1024, "tie_word_embeddings": True}
+                                                      | qwen)),
+            tokenizer=tokenizer,
+            transformer=Flux2Transformer2DModel(**{"patch_size": 1, "guidance_embeds": False} | transformer),
+            is_distilled=False,
+        )
 
     def default_grid(self) -> Flux2Grid:
         """``linspace(1, 1/N, N)`` shifted by FLUX.2's empirical mu at this resolution's latent tokens."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +14,24 @@ import torch
 from torch import Tensor, nn
 
 from precise_lightning.hub import Dtype, frozen_dtype, load_pretrained
-from precise_lightning.modules.policy import Policy
+from precise_lightning.architectures.parts import Size
+from precise_lightning.policies.base import Policy
 
 
 class PipelinePolicy(Policy):
     """A :class:`Policy` over a diffusers pipeline's components, reusing the pipeline's own methods so that the ODE
-    rollout equals the stock pipeline's. A model is one subclass: it sets ``pipeline_class`` and ``frozen`` (the
-    components that never train), gives ``model`` its default and passes every other argument through
-    (``**kwargs``, which the command line still resolves), and implements :meth:`encode_prompts`,
+    rollout equals the stock pipeline's. A model is one subclass in one file of this package: it sets ``hub_id``
+    (the default ``model``), ``pipeline_class`` and ``frozen`` (the components that never train), implements
+    :meth:`build` (the published architecture with random weights, tiny or real), :meth:`encode_prompts`,
     :meth:`transformer_velocity`, :meth:`latent_shape_for`, :meth:`decode` and, if its pipeline has its own time
-    grid, :meth:`default_grid`.
+    grid, :meth:`default_grid`; a model with arguments of its own adds them to ``__init__`` and passes the rest
+    through (``**kwargs``, which the command line still resolves).
 
     With ``guidance_scale > 1`` the velocity is ``v_uncond + w (v_cond - v_uncond)`` in rollout and training alike,
     computed in one batched forward (unconditional half first).
 
     Args:
-        model: hub id or local directory of the diffusers pipeline.
+        model: hub id or local directory of the diffusers pipeline (None: the model's published ``hub_id``).
         revision: hub revision (a commit hash pins the weights).
         resolution: image side in pixels (must fit the latent grid).
         guidance_scale: classifier-free guidance weight, in rollout and training; 1 disables it.
@@ -46,13 +49,13 @@ class PipelinePolicy(Policy):
         lora_rank, lora_alpha, lora_targets: see :class:`Policy` (0 = full fine-tuning of the transformer).
     """
 
+    hub_id: str
     frozen: tuple[str, ...]
-    random_pipeline: Callable[[], Any]  # the published architecture, random weights (``random_weights``)
     shard_blocks = ("transformer_blocks", "single_transformer_blocks")
 
     def __init__(
         self,
-        model: str,
+        model: str | None = None,
         revision: str | None = None,
         resolution: int = 512,
         guidance_scale: float = 1.0,
@@ -69,6 +72,7 @@ class PipelinePolicy(Policy):
         lora_targets: list[str] | None = None,
     ) -> None:
         super().__init__(lora_rank, lora_alpha, lora_targets)
+        model = model or self.hub_id
         if guidance_scale < 1:
             raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}")
         if max_sequence_length < 1:
@@ -77,7 +81,7 @@ class PipelinePolicy(Policy):
         # Frozen parts load straight into their dtype (T5-XXL never passes through float32 in host memory).
         dtypes = {c: frozen_dtype(vae_dtype if c == "vae" else text_dtype) for c in self.frozen}
         if random_weights:
-            pipe = random_pipeline(self.random_pipeline, dtypes)
+            pipe = random_pipeline(partial(self.build, "real"), dtypes)
         else:
             pipe = load_pretrained(self.pipeline_class.from_pretrained, model, f"{name} weights",
                                    "model.policy.init_args.model", revision=revision,
@@ -114,6 +118,17 @@ class PipelinePolicy(Policy):
         for component in self.frozen:
             getattr(self, component).eval()
         return self
+
+    @staticmethod
+    def build(size: Size = "tiny", depth: int | None = None) -> Any:
+        """The pipeline with random weights: the published architecture (``size="real"``, every layer stack capped
+        at ``depth``) or a tiny one of the same classes for tests and CPU runs (``python -m precise_lightning.tiny``)."""
+        raise NotImplementedError
+
+    def pipeline_call_arguments(self, latents: Tensor) -> dict[str, Any]:
+        """The stock pipeline's ``__call__`` arguments with which it samples this policy's ODE image from the initial
+        ``latents`` [B, ...] (as the policy holds them): the tests' parity check, and a user's way to reproduce it."""
+        return {"latents": latents, "guidance_scale": self.guidance_scale, "max_sequence_length": self.max_sequence_length}
 
     def latent_shape_for(self, pipe: Any, resolution: int) -> tuple[int, ...]:
         """Latent shape of one image at ``resolution``; raises if the resolution does not fit the latent grid."""
@@ -168,7 +183,11 @@ class PipelinePolicy(Policy):
         v_uncond, v_cond = v.chunk(2)
         if self.detach_uncond:
             v_uncond = v_uncond.detach()
-        return (v_uncond + self.guidance_scale * (v_cond - v_uncond)).to(x.dtype)
+        return self.guide(v_uncond, v_cond).to(x.dtype)
+
+    def guide(self, v_uncond: Tensor, v_cond: Tensor) -> Tensor:
+        """Classifier-free guidance ``v_uncond + w (v_cond - v_uncond)`` (arXiv 2207.12598 eq. 6, in velocity)."""
+        return v_uncond + self.guidance_scale * (v_cond - v_uncond)
 
 
 def denoiser_dtype(net: nn.Module) -> torch.dtype:
