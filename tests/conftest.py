@@ -1,10 +1,12 @@
 import os
 import runpy
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,6 +20,55 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Model:
+    """A registered pipeline policy with its recipe config: the tests' view of a base model."""
+
+    policy: type
+    config: str  # its recipe
+    recipe: dict
+
+    @property
+    def pipeline(self) -> type:
+        return self.policy.pipeline_class
+
+    @property
+    def hub_id(self) -> str:
+        return self.policy.hub_id
+
+    @property
+    def guidance(self) -> float:  # the recipe's
+        return self.recipe["model"]["policy"]["init_args"].get("guidance_scale", 1.0)
+
+    @property
+    def lora_rank(self) -> int:  # the recipe's
+        return self.recipe["model"]["policy"]["init_args"]["lora_rank"]
+
+    @property
+    def linear_guidance(self) -> bool:
+        from precise_lightning.policies import PipelinePolicy
+
+        return self.policy.guide is PipelinePolicy.guide
+
+
+def model_recipes() -> list[Model]:
+    """Each registered policy with its recipe: the config that trains it (``*_precise.yaml`` where it has several)."""
+    from precise_lightning.policies import pipeline_policies
+
+    models = []
+    for policy in pipeline_policies():
+        configs = []
+        for path in sorted((ROOT / "configs").glob("*.yaml"), key=lambda p: (not p.stem.endswith("_precise"), p.name)):
+            recipe = yaml.safe_load(path.read_text())
+            class_path = ((recipe or {}).get("model") or {}).get("policy", {}).get("class_path", "")
+            if class_path.rsplit(".", 1)[-1] == policy.__name__:
+                configs.append((path, recipe))
+        assert configs, f"{policy.__name__} has no recipe config in configs/"
+        path, recipe = configs[0]
+        models.append(Model(policy, str(Path("configs") / path.name), recipe))
+    return models
 
 
 def demo_args(log_dir: Path, *extra: str, batch_size: int = 32, micro_batch_size: int = 16) -> list[str]:

@@ -4,7 +4,6 @@ iterations on CPU, full fine-tuning with a KL reference, the SD3.5 recipe with e
 missing-weights message. A new policy file is picked up here without editing a list."""
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,59 +11,16 @@ import torch
 import yaml
 
 import cli
-from conftest import ROOT, run_dir, scalars
+from conftest import ROOT, model_recipes, run_dir, scalars
 from precise_lightning.architectures.parts import TINY_RESOLUTION
 from precise_lightning.hub import WeightsNotFoundError
-from precise_lightning.policies import PipelinePolicy, SD3Policy, pipeline_policies
+from precise_lightning.policies import SD3Policy
 from precise_lightning.sampling import Sampler, SD3Grid
 
 PROMPTS = ["a red cube on a wooden table", "a photo of a cat wearing a small hat"]
 
 
-@dataclass
-class Model:
-    policy: type
-    config: str  # its recipe
-    recipe: dict
-
-    @property
-    def pipeline(self) -> type:
-        return self.policy.pipeline_class
-
-    @property
-    def hub_id(self) -> str:
-        return self.policy.hub_id
-
-    @property
-    def guidance(self) -> float:  # the recipe's
-        return self.recipe["model"]["policy"]["init_args"].get("guidance_scale", 1.0)
-
-    @property
-    def lora_rank(self) -> int:  # the recipe's
-        return self.recipe["model"]["policy"]["init_args"]["lora_rank"]
-
-    @property
-    def linear_guidance(self) -> bool:
-        return self.policy.guide is PipelinePolicy.guide
-
-
-def _recipes() -> list[Model]:
-    """Each registered policy with its recipe: the config that trains it (``*_precise.yaml`` where it has several)."""
-    models = []
-    for policy in pipeline_policies():
-        configs = []
-        for path in sorted((ROOT / "configs").glob("*.yaml"), key=lambda p: (not p.stem.endswith("_precise"), p.name)):
-            recipe = yaml.safe_load(path.read_text())
-            class_path = ((recipe or {}).get("model") or {}).get("policy", {}).get("class_path", "")
-            if class_path.rsplit(".", 1)[-1] == policy.__name__:
-                configs.append((path, recipe))
-        assert configs, f"{policy.__name__} has no recipe config in configs/"
-        path, recipe = configs[0]
-        models.append(Model(policy, str(Path("configs") / path.name), recipe))
-    return models
-
-
-ALL = _recipes()
+ALL = model_recipes()
 SD35 = next(m for m in ALL if m.policy is SD3Policy)
 MODELS = pytest.mark.parametrize("m", ALL, ids=[Path(m.config).stem for m in ALL])
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
-from conftest import scalars
-from precise_lightning.policies.sd3 import SD35_MEDIUM
+from conftest import model_recipes, scalars
+from precise_lightning.policies import SD3Policy
 
 pytestmark = pytest.mark.slow  # multi-process fits: minutes, left out of the inner loop
 
@@ -109,11 +108,16 @@ def test_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path
     assert full["metrics"]["eval/reward"] == resumed["metrics"]["eval/reward"]
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_sd35_recipe_trains_sharded_and_exports_the_whole_model(tmp_path, model_root, lora):
-    """The tiny SD3.5 recipe with the FSDP2 overlay, 2 processes (float32 compute on CPU): what DiffusersExport
-    writes is the gathered, whole trained weights, in files the stock classes load."""
-    args = ["--config", "configs/sd35_precise.yaml", "--config", "configs/tiny_cpu.yaml", "--model_root",
+SHARDED = [(m.config, m.policy, True) for m in model_recipes()] + [
+    ("configs/sd35_precise.yaml", SD3Policy, False)]  # and one full fine-tuning
+
+
+@pytest.mark.parametrize("config,policy,lora", SHARDED, ids=[f"{Path(c).stem}-{'lora' if lora else 'full'}"
+                                                             for c, _, lora in SHARDED])
+def test_recipe_trains_sharded_and_exports_the_whole_model(tmp_path, model_root, config, policy, lora):
+    """A tiny recipe with the FSDP2 overlay, 2 processes (float32 compute on CPU): what DiffusersExport writes is
+    the gathered, whole trained weights, in files the stock classes load."""
+    args = ["--config", config, "--config", "configs/tiny_cpu.yaml", "--model_root",
             str(model_root), "--trainer.logger.init_args.save_dir", str(tmp_path / "sd35"),
             "--trainer.enable_progress_bar", "false", "--config", "configs/fsdp.yaml", "--trainer.devices", "2",
             "--trainer.strategy.init_args.data_parallel_size", "2", "--model.shard_param_dtype", "float32",
@@ -128,9 +132,10 @@ def test_sd35_recipe_trains_sharded_and_exports_the_whole_model(tmp_path, model_
     if lora:
         exported = load_file(run["version"] / "lora" / "pytorch_lora_weights.safetensors")
         exported = {k.removeprefix("transformer."): v for k, v in exported.items()}
-        StableDiffusion3Pipeline.from_pretrained(model_root / SD35_MEDIUM).load_lora_weights(run["version"] / "lora")
+        policy.pipeline_class.from_pretrained(model_root / policy.hub_id).load_lora_weights(run["version"] / "lora")
     else:
-        exported = SD3Transformer2DModel.from_pretrained(run["version"] / "transformer").state_dict()
+        transformer_class = type(policy.pipeline_class.from_pretrained(model_root / policy.hub_id).transformer)
+        exported = transformer_class.from_pretrained(run["version"] / "transformer").state_dict()
     assert set(trained) <= set(exported) and (not lora or set(exported) == set(trained))  # full: + buffers
     for name, value in trained.items():
         assert torch.equal(exported[name], value), name

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 import cli
+from conftest import model_recipes
 
 # The published trees read (a file:line is at these commits): Flow-GRPO ac4c86e, Precise, FlowCPS, DanceGRPO as
 # fetched on 2026-12-02.
@@ -155,6 +156,58 @@ FLUX1 = [
     ("seed_everything", 42, f"{DANCE_LORA}:20"),
 ]
 
+# Flow-GRPO's Qwen-Image run is newer than the tree above: its config is read at yifan123/flow_grpo 54809b5 and its
+# trainer and pipeline at zhtmike/flow_grpo 27b6ef8 / 4b13ec7 (a fork carrying them) through a file index that gives
+# no line numbers, so these rows name the function and the field.
+QWEN_CONFIG = f"{FLOW_GRPO}@54809b5 config/grpo.py pickscore_qwenimage_8gpu()"
+QWEN_TRAIN = "flow_grpo scripts/train_qwenimage.py"
+QWEN_PIPE = "flow_grpo flow_grpo/diffusers_patch/qwenimage_pipeline_with_logprob.py pipeline_with_logprob()"
+QWEN_LORA = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+             "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+             "txt_mlp.net.2"]
+QWEN = [
+    ("model.policy.init_args.model", "Qwen/Qwen-Image", f"{QWEN_CONFIG}: pretrained.model"),
+    ("model.policy.init_args.resolution", 512, f"{QWEN_CONFIG}: resolution"),
+    ("model.policy.init_args.guidance_scale", 4.0, f"{QWEN_CONFIG}: sample.guidance_scale (true_cfg_scale)"),
+    ("model.policy.init_args.detach_uncond", False, f"{QWEN_TRAIN} compute_log_prob (one forward, no detach)"),
+    ("model.policy.init_args.negative_prompt", " ", f"{QWEN_TRAIN} main(): negative_prompt=[' '] * len(prompts)"),
+    ("model.policy.init_args.max_sequence_length", 512, f"{QWEN_PIPE}: max_sequence_length default"),
+    ("model.policy.init_args.gradient_checkpointing", True, f"{QWEN_CONFIG}: activation_checkpointing"),
+    ("model.policy.init_args.lora_rank", 64, f"{QWEN_TRAIN} main(): LoraConfig r"),
+    ("model.policy.init_args.lora_alpha", 128.0, f"{QWEN_TRAIN} main(): LoraConfig lora_alpha"),
+    ("model.policy.init_args.lora_targets", QWEN_LORA, f"{QWEN_TRAIN} main(): target_modules"),
+    ("model.policy.init_args.vae_dtype", "float32", f"{QWEN_TRAIN} main(): pipeline.vae.to(dtype=torch.float32)"),
+    ("model.sampler.init_args.num_steps", 10, f"{QWEN_CONFIG}: sample.num_steps"),
+    ("model.sampler.init_args.sde_window", [3, 5],
+     f"{QWEN_CONFIG}: sde_window_size 2, sde_window_range (0, 5); {QWEN_PIPE}: random.seed(process_index)"),
+    ("model.eval_sampler.init_args.rule", "ode", f"{QWEN_TRAIN} eval(): noise_level=0"),
+    ("model.eval_sampler.init_args.num_steps", 50, f"{QWEN_CONFIG}: sample.eval_num_steps"),
+    ("model.optimizer.init_args.lr", 3e-4, f"{FLOW_GRPO} config/base.py:63"),
+    ("model.optimizer.init_args.betas", [0.9, 0.999], f"{FLOW_GRPO} config/base.py:65-67"),
+    ("model.optimizer.init_args.weight_decay", 1e-4, f"{FLOW_GRPO} config/base.py:69"),
+    ("model.optimizer.init_args.eps", 1e-8, f"{FLOW_GRPO} config/base.py:71"),
+    ("model.clip_range", 4e-6, f"{PRECISE} config/flux2_klein.py:92 (the sampler's PPO settings, README)"),
+    ("model.ratio_norm", True, f"{PRECISE} config/flux2_klein.py:95 (the sampler's PPO settings, README)"),
+    ("model.adv_clip_max", 5.0, f"{FLOW_GRPO} config/base.py:84"),
+    ("model.beta", 0.0, f"{QWEN_CONFIG}: train.beta"),
+    ("model.std_scope", "global", f"{QWEN_CONFIG}: sample.global_std"),
+    ("model.std_unbiased", False, f"{FLOW_GRPO} flow_grpo/stat_tracking.py:27 (np.std)"),
+    ("model.std_eps", 1e-4, f"{FLOW_GRPO} flow_grpo/stat_tracking.py:27"),
+    ("model.same_noise_per_group", False, f"{QWEN_CONFIG}: sample.same_latent"),
+    ("model.drop_zero_advantage", False, f"{QWEN_TRAIN} main() (every sample trains)"),
+    ("model.micro_batch_size", 4, f"{QWEN_CONFIG}: train.batch_size"),
+    ("model.updates_per_rollout", 2, f"{QWEN_CONFIG}: gradient_accumulation_steps = num_batches_per_epoch // 2"),
+    ("model.max_grad_norm", 1.0, f"{FLOW_GRPO} config/base.py:76"),
+    ("ema.decay", 0.0, f"{QWEN_CONFIG}: train.ema False (evaluation with the trained weights)"),
+    ("data.group_size", 16, f"{QWEN_CONFIG}: sample.num_image_per_prompt"),
+    ("data.eval_batch_size", 4, f"{QWEN_CONFIG}: sample.test_batch_size"),
+    ("reward.rewards.pickscore.class_path", "precise_lightning.rewards.PickScore", f"{QWEN_CONFIG}: reward_fn"),
+    ("trainer.precision", "bf16-mixed", f"{QWEN_CONFIG}: mixed_precision"),
+    ("trainer.strategy.class_path", "precise_lightning.sharding.ShardedStrategy", f"{QWEN_TRAIN} main(): fsdp_wrapper"),
+    ("model.shard_param_dtype", "bfloat16", f"{QWEN_TRAIN} main(): FSDPConfig mixed_precision_dtype"),
+    ("seed_everything", 42, f"{FLOW_GRPO} config/base.py:11"),
+]
+
 # The sampler overlays on the Klein recipe: (key, value, source) each.
 OVERLAYS = {
     "configs/samplers/flow_grpo.yaml": [
@@ -189,7 +242,8 @@ OVERLAYS = {
 
 # Global batch per iteration = processes x data.batch_size.
 GLOBAL_BATCH = {"configs/sd35_precise.yaml": 48 * 24, "configs/flux2_klein_precise.yaml": 32 * 8,
-                "configs/flux1_dev_hpsv2.yaml": 16 * 12}  # DanceGRPO: 8 GPUs x 2 prompts x 12
+                "configs/flux1_dev_hpsv2.yaml": 16 * 12,  # DanceGRPO: 8 GPUs x 2 prompts x 12
+                "configs/qwen_image_pickscore.yaml": 32 * 16}  # Flow-GRPO: 8 GPUs x 16 batches x 4
 
 
 def _parsed(configs: str, capsys) -> dict:
@@ -208,16 +262,24 @@ def _get(config: dict, key: str):
 
 
 RECIPES = [("configs/sd35_precise.yaml", SD35), ("configs/flux2_klein_precise.yaml", KLEIN),
-           ("configs/flux1_dev_hpsv2.yaml", FLUX1)]
+           ("configs/flux1_dev_hpsv2.yaml", FLUX1), ("configs/qwen_image_pickscore.yaml", QWEN)]
 
 
-@pytest.mark.parametrize("config,table", RECIPES, ids=["sd35", "flux2_klein", "flux1_dev"])
+def test_every_model_s_recipe_has_a_table():
+    """A new model's recipe config comes with its table here (the one test entry a model adds)."""
+    assert {m.config for m in model_recipes()} <= {config for config, _ in RECIPES}
+
+
+@pytest.mark.parametrize("config,table", RECIPES, ids=["sd35", "flux2_klein", "flux1_dev", "qwen_image"])
 def test_recipe_matches_the_published_run(config, table, capsys):
     parsed = _parsed(config, capsys)
     wrong = [f"{key}: {_get(parsed, key)!r}, published {value!r} ({source})" for key, value, source in table
              if _get(parsed, key) != value]
     assert not wrong, "\n".join(wrong)
     assert parsed["trainer"]["devices"] * parsed["data"]["batch_size"] == GLOBAL_BATCH[config]
+    strategy = parsed["trainer"]["strategy"]
+    if isinstance(strategy, dict):  # sharded over every process
+        assert strategy["init_args"]["data_parallel_size"] == parsed["trainer"]["devices"]
     if table is not FLUX1:  # DanceGRPO samples FLUX.1 on its own shift-3 linspace (a row above)
         assert parsed["model"]["sampler"]["init_args"]["grid"] is None  # the policy's own grid (its scheduler's)
 
@@ -255,3 +317,14 @@ def test_klein_geneval_overlay_trains_on_the_geneval_server(capsys):
     assert parsed["data"]["eval_batch_size"] == 7  # {PRECISE} config/base.py geneval_eval_targets
     wrong = [key for key, value, _ in KLEIN if not key.startswith("reward.") and _get(parsed, key) != value]
     assert not wrong, wrong
+
+
+def test_qwen_image_window_is_the_one_flow_grpo_s_seeded_draw_gives():
+    """Flow-GRPO's Qwen-Image rollout (qwenimage_pipeline_with_logprob.py) re-seeds Python's RNG with process_index
+    (never passed by train_qwenimage.py, so 0) before drawing the window start in [0, 5 - 2]: the same window, steps
+    3 and 4, on every process and every rollout."""
+    import random
+
+    random.seed(0)
+    start = random.randint(0, 5 - 2)
+    assert [start, start + 2] == next(v for k, v, _ in QWEN if k == "model.sampler.init_args.sde_window")

@@ -1,3 +1,3 @@
-"""The published architectures and the small parts that build them at tiny or real size with random weights: each
-model's published ``config.json`` values (``published/``), tokenizers derived from the published vocabularies, the
-reward models' builders. The lowest layer of the package: it imports nothing of it."""
+"""The small parts that build the published architectures at tiny or real size with random weights: a base model's
+shared pieces, tokenizers derived from the published vocabularies, the reward models' builders. The lowest layer
+of the package: it imports nothing of it."""

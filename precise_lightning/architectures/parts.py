@@ -1,25 +1,17 @@
-"""What the base models' random builders share (each builder lives with its policy in ``precise_lightning.policies``):
-the published component configs, a layer cap for machines where the full depth does not fit, the tiny VAE and CLIP
-text towers."""
+"""What the base models' random builders share (each builder, with its model's published component configs, lives
+with its policy in ``precise_lightning.policies``): a layer cap for machines where the full depth does not fit, the
+tiny VAE sizes, CLIP text towers and the SD-style VAE."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Literal
 
 from diffusers import AutoencoderKL
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 Size = Literal["tiny", "real"]
-PUBLISHED = Path(__file__).parent / "published"
 TINY_RESOLUTION = 32  # pixels; the tiny VAE halves it once, the transformer's 2x2 patches halve it again
 TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=TINY_RESOLUTION)
-
-
-def published(hub_id: str) -> dict[str, dict[str, Any]]:
-    """The published architecture of each component of ``hub_id`` (``published/<name>.json``, with its source)."""
-    return json.loads((PUBLISHED / f"{hub_id.split('/')[-1]}.json").read_text())
 
 
 def capped(config: dict[str, Any], key: str, depth: int | None, floor: int = 0) -> dict[str, Any]:
@@ -36,11 +28,10 @@ def tiny_clip_text(hidden: int, act: str) -> CLIPTextModelWithProjection:
                      projection_dim=hidden, vocab_size=49408, max_position_embeddings=77, hidden_act=act)
 
 
-def kl_vae(hub_id: str, vae: dict[str, Any]) -> AutoencoderKL:
-    """An ``AutoencoderKL`` with the published channels, scaling, shift and (absent) quant convs of ``hub_id``'s VAE
-    (so decoding is tested with them) and ``vae``'s sizes."""
-    real = published(hub_id)["vae"]
-    vae = {k: real[k] for k in ("in_channels", "out_channels", "scaling_factor", "shift_factor", "use_quant_conv",
+def kl_vae(published: dict[str, Any], vae: dict[str, Any]) -> AutoencoderKL:
+    """An ``AutoencoderKL`` with the ``published`` VAE's channels, scaling, shift and (absent) quant convs (so decoding
+    is tested with them) and ``vae``'s sizes."""
+    vae = {k: published[k] for k in ("in_channels", "out_channels", "scaling_factor", "shift_factor", "use_quant_conv",
                                 "use_post_quant_conv")} | vae
     blocks = len(vae["block_out_channels"])
     return AutoencoderKL(**vae, down_block_types=("DownEncoderBlock2D",) * blocks,

@@ -9,12 +9,29 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from precise_lightning.architectures.parts import TINY_VAE, Size, capped, kl_vae, published
+from precise_lightning.architectures.parts import TINY_VAE, Size, capped, kl_vae
 from precise_lightning.architectures.tokenizers import clip_tokenizer, t5_tokenizer
 from precise_lightning.policies.pipeline import PipelinePolicy, denoiser_dtype
 from precise_lightning.sampling import FluxGrid
 
 FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
+# The config.json of each component of black-forest-labs/FLUX.1-dev (transformer/, text_encoder/, text_encoder_2/,
+# vae/, scheduler/), the architecture keys as published, transcribed (the hub cannot be reached from this machine: not
+# yet checked against a download).
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=[16, 56, 56]),
+    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu"),
+    "text_encoder_2": dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+        feed_forward_proj="gated-gelu", vocab_size=32128),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False),
+    "scheduler": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096),
+}
 
 
 class FluxPolicy(PipelinePolicy):
@@ -46,7 +63,7 @@ class FluxPolicy(PipelinePolicy):
         embedding), CLIP-L (pooled) and T5-XXL, the 16-channel VAE with scaling and shift, the scheduler's dynamic
         shift."""
         tokenizer_2 = t5_tokenizer()
-        real = published(FLUX1_DEV)
+        real = PUBLISHED
         if size == "tiny":
             clip = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                         projection_dim=16, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
@@ -62,7 +79,7 @@ class FluxPolicy(PipelinePolicy):
                 | capped(real["transformer"], "num_single_layers", depth)
             vae = dict(real["vae"])
         return FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**real["scheduler"]), vae=kl_vae(FLUX1_DEV, vae),
+            scheduler=FlowMatchEulerDiscreteScheduler(**real["scheduler"]), vae=kl_vae(PUBLISHED["vae"], vae),
             text_encoder=CLIPTextModel(CLIPTextConfig(**clip)), tokenizer=clip_tokenizer(),
             text_encoder_2=T5EncoderModel(t5), tokenizer_2=tokenizer_2,
             transformer=FluxTransformer2DModel(**{"patch_size": 1, "guidance_embeds": True} | transformer),

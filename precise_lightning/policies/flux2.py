@@ -9,12 +9,25 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2
 from torch import Tensor, nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from precise_lightning.architectures.parts import TINY_VAE, Size, capped, published
+from precise_lightning.architectures.parts import TINY_VAE, Size, capped
 from precise_lightning.architectures.tokenizers import qwen3_tokenizer
 from precise_lightning.policies.pipeline import PipelinePolicy, denoiser_dtype
 from precise_lightning.sampling import Flux2Grid
 
 FLUX2_KLEIN = "black-forest-labs/FLUX.2-klein-base-4B"
+# The config.json of each component of black-forest-labs/FLUX.2-klein-base-4B (transformer/, text_encoder/: Qwen3-4B,
+# vae/), the architecture keys as published; the weights' sizes in that repository's file listing are the published
+# figures tests/test_real_size.py checks.
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "transformer": dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
+        axes_dims_rope=[32, 32, 32, 32], rope_theta=2000, eps=1e-06, guidance_embeds=False),
+    "text_encoder": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-06,
+        rope_theta=1000000, tie_word_embeddings=True),
+    "vae": dict(latent_channels=32, block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32,
+        sample_size=1024),
+}
 
 
 class Flux2KleinPolicy(PipelinePolicy):
@@ -48,7 +61,7 @@ class Flux2KleinPolicy(PipelinePolicy):
                                axes_dims_rope=(4, 4, 4, 4))
             vae = dict(TINY_VAE, latent_channels=4)
         else:
-            real = published(FLUX2_KLEIN)
+            real = PUBLISHED
             qwen = real["text_encoder"] | capped(real["text_encoder"], "num_hidden_layers", depth, floor=28)
             transformer = real["transformer"] | capped(real["transformer"], "num_layers", depth) \
                 | capped(real["transformer"], "num_single_layers", depth)

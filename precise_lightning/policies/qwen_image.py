@@ -10,12 +10,31 @@ from diffusers import QwenImageTransformer2DModel
 from torch import Tensor, nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from precise_lightning.architectures.parts import Size, capped, published
+from precise_lightning.architectures.parts import Size, capped
 from precise_lightning.architectures.tokenizers import qwen3_tokenizer
 from precise_lightning.policies.pipeline import PipelinePolicy, denoiser_dtype
 from precise_lightning.sampling import FluxGrid
 
 QWEN_IMAGE = "Qwen/Qwen-Image"
+# The config.json of each component of Qwen/Qwen-Image (transformer/, text_encoder/ (Qwen2.5-VL-7B-Instruct: its
+# text_config and vision_config), vae/, scheduler/), the architecture keys as published, transcribed (the hub cannot
+# be reached from this machine: not yet checked against a download).
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "transformer": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=[16, 56, 56]),
+    "text_encoder": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-06,
+        rope_theta=1000000.0, tie_word_embeddings=False, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+    "vision_encoder": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu"),
+    "vae": dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+        temperal_downsample=[False, True, True], dropout=0.0,
+        latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+        latents_std=[2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916]),
+    "scheduler": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential"),
+}
 
 
 class QwenImagePolicy(PipelinePolicy):
@@ -42,7 +61,7 @@ class QwenImagePolicy(PipelinePolicy):
         """Qwen-Image: a 60-block MMDiT over 2x2-packed 16-channel latents reading Qwen2.5-VL-7B's last hidden
         layer, the Qwen-Image (Wan-style, one frame) VAE with per-channel latent statistics, the scheduler's dynamic
         exponential shift with terminal time 0.02."""
-        real = published(QWEN_IMAGE)
+        real = PUBLISHED
         tokenizer = qwen3_tokenizer()  # the same Qwen2 byte-level BPE class and chat tokens
         if size == "tiny":
             text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,

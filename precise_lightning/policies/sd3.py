@@ -16,7 +16,6 @@ from precise_lightning.architectures.parts import (
     capped,
     clip_text,
     kl_vae,
-    published,
     tiny_clip_text,
 )
 from precise_lightning.architectures.tokenizers import clip_tokenizer, t5_tokenizer
@@ -24,6 +23,24 @@ from precise_lightning.policies.pipeline import PipelinePolicy, denoiser_dtype
 from precise_lightning.sampling import SD3Grid
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+# The config.json of each component of stabilityai/stable-diffusion-3.5-medium (transformer/, text_encoder/,
+# text_encoder_2/, text_encoder_3/, vae/), the architecture keys as published; the weights' sizes in that repository's
+# file listing are the published figures tests/test_real_size.py checks.
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "transformer": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+        pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+        dual_attention_layers=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
+    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu"),
+    "text_encoder_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        projection_dim=1280, vocab_size=49408, max_position_embeddings=77, hidden_act="gelu"),
+    "text_encoder_3": dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+        feed_forward_proj="gated-gelu", vocab_size=32128),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+        use_quant_conv=False, use_post_quant_conv=False),
+}
 
 
 class SD3Policy(PipelinePolicy):
@@ -52,7 +69,7 @@ class SD3Policy(PipelinePolicy):
                                dual_attention_layers=(0,))
             vae = dict(TINY_VAE, latent_channels=4)
         else:
-            real = published(SD35_MEDIUM)
+            real = PUBLISHED
             clip_l = clip_text(**real["text_encoder"] | capped(real["text_encoder"], "num_hidden_layers", depth))
             clip_g = clip_text(**real["text_encoder_2"] | capped(real["text_encoder_2"], "num_hidden_layers", depth))
             t5 = T5Config(**real["text_encoder_3"] | capped(real["text_encoder_3"], "num_layers", depth))
@@ -62,7 +79,7 @@ class SD3Policy(PipelinePolicy):
             vae = dict(real["vae"])
         return StableDiffusion3Pipeline(
             transformer=SD3Transformer2DModel(**{"patch_size": 2, "qk_norm": "rms_norm"} | transformer),
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=kl_vae(SD35_MEDIUM, vae),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=kl_vae(PUBLISHED["vae"], vae),
             text_encoder=clip_l, tokenizer=clip_tokenizer(), text_encoder_2=clip_g,
             tokenizer_2=clip_tokenizer(pad_token="!"), text_encoder_3=T5EncoderModel(t5), tokenizer_3=tokenizer_3,
         )
