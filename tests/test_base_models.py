@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import cli
-from conftest import ROOT, model_recipes, run_dir, scalars
+from conftest import ROOT, Model, model_recipes, run_dir, scalars
 from precise_lightning.architectures.parts import TINY_RESOLUTION
 from precise_lightning.hub import WeightsNotFoundError
 from precise_lightning.policies import SD3Policy

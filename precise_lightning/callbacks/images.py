@@ -57,7 +57,8 @@ class ImageGridLogger(Callback):
             images = torch.nn.functional.interpolate(images, scale_factor=self.upscale, mode="nearest")
         grid = make_grid(images, nrow=8, padding=2, pad_value=0.5)  # [3, H, W] in [0, 1]
         caption = "\n".join(f"{i}. {c}" for i, c in enumerate(self._captions))
-        # The x-axis self.log uses (training batches, i.e. rollouts), so grids line up with eval/reward.
+        # The x-axis self.log uses (training batches, i.e. rollouts), so grids line up with eval/reward (private:
+        # Lightning exposes no public counter of it; global_step counts optimizer steps).
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             log_grid(logger, grid, caption, step)

@@ -7,7 +7,6 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 
 
 class RolloutProgressBar(TQDMProgressBar):
@@ -24,7 +23,7 @@ class RolloutProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         bar.reset(total=math.ceil(trainer.max_steps / per_rollout) if trainer.max_steps > 0 else None)
         bar.set_description("rollouts")
-        _update_n(bar, getattr(pl_module, "rollouts", 0))  # a resumed run starts where it stopped
+        _show(bar, getattr(pl_module, "rollouts", 0))  # a resumed run starts where it stopped
 
     def on_train_epoch_start(self, trainer: Trainer, *_: Any) -> None:
         pass  # one bar for the run
@@ -32,9 +31,16 @@ class RolloutProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *_: Any) -> None:
         n = getattr(pl_module, "rollouts", trainer.fit_loop.total_batch_idx + 1)
         if self._should_update(n, self.train_progress_bar.total):
-            _update_n(self.train_progress_bar, n)
+            _show(self.train_progress_bar, n)
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.train_progress_bar.disable:
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+def _show(bar: Any, n: int) -> None:
+    """Set the bar's count to ``n`` (tqdm's own attribute and refresh)."""
+    if not bar.disable:
+        bar.n = n
+        bar.refresh()

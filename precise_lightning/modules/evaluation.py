@@ -11,18 +11,27 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from precise_lightning.callbacks.rewards import RewardScorer
+from precise_lightning.policies.base import Policy
 from precise_lightning.sampling import Sampler
 
 
 class Evaluation(LightningModule):
-    """Validation hooks of :class:`~precise_lightning.modules.GRPOModule`, which sets ``policy``, ``scorer``,
-    ``eval_sampler``, ``extra_eval_samplers``, ``eval_means`` and the ``eval_seed`` / ``eval_at_start`` hparams."""
+    """Validation hooks of :class:`~precise_lightning.modules.GRPOModule`, which sets the attributes below and the
+    ``eval_seed`` / ``eval_at_start`` hparams."""
+
+    policy: Policy
+    scorer: RewardScorer | None
+    eval_sampler: Sampler
+    extra_eval_samplers: dict[str, Sampler]
+    eval_means: nn.ModuleDict
+    rollouts: int
 
     def on_train_start(self) -> None:
         trainer = self.trainer
         if not self.hparams.eval_at_start or self.rollouts or not trainer.enable_validation:
             return
-        # What Lightning's training loop does around its own mid-epoch validation.
+        # What Lightning's training loop does around its own mid-epoch validation (private: no public hook runs a
+        # validation before the first training batch and leaves the loop's logging state as it was).
         trainer.validating = True
         first_loop_iter = trainer._logger_connector._first_loop_iter
         trainer.fit_loop.epoch_loop.val_loop.run()

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import OptimizerCallable
@@ -36,7 +36,7 @@ from precise_lightning.modules.run_state import (
     signature_differences,
 )
 from precise_lightning.sharding import data_parallel_mesh, shard_policy
-from precise_lightning.modules.update import PPOUpdate
+from precise_lightning.modules.update import PPOSettings, PPOUpdate
 from precise_lightning.sampling import PerSample, Sampler, Trajectory
 
 
@@ -149,6 +149,10 @@ class GRPOModule(Evaluation, PPOUpdate):
         self.save_hyperparameters(ignore=["policy", "sampler", "eval_sampler", "extra_eval_samplers", "optimizer"])
         self.policy = policy
         self.optimizer = optimizer
+        self.ppo = PPOSettings(clip_range=clip_range, beta=beta, kl_form=kl_form, kl_eta=kl_eta,
+                               log_prob_form=log_prob_form, ratio_norm=ratio_norm, train_fraction=train_fraction,
+                               inner_epochs=inner_epochs, updates_per_rollout=updates_per_rollout,
+                               max_grad_norm=max_grad_norm, drop_zero_advantage=drop_zero_advantage)
         self.automatic_optimization = False
         if beta > 0:
             self.policy.enable_reference()

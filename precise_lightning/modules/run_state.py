@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+# Lightning's own capture of every RNG (what its checkpoints restore); private: it has no public equivalent.
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 

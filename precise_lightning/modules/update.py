@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -15,10 +16,11 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from precise_lightning.modules.checks import update_groups, update_plan
+from precise_lightning.modules.guard import NonFiniteGuard
 from precise_lightning.modules.losses import cps_log_ratio, grpo_guard_log_ratio, kl_penalty, ppo_policy_loss
-from precise_lightning.policies.base import slice_cond
 from precise_lightning.modules.run_state import derived_seed
-from precise_lightning.sampling import Trajectory, velocity_gain
+from precise_lightning.policies.base import Policy, slice_cond
+from precise_lightning.sampling import Sampler, Trajectory
 
 # The detached diagnostics of one (micro-batch, trained step), as _step_loss returns them.
 STEP_STATS = (
@@ -26,15 +28,39 @@ STEP_STATS = (
 )
 
 
+@dataclass(frozen=True)
+class PPOSettings:
+    """What one rollout's PPO update reads: :class:`~precise_lightning.modules.GRPOModule`'s arguments of the same
+    names (its docstring says what each means; its checks have passed)."""
+
+    clip_range: float
+    beta: float
+    kl_form: str
+    kl_eta: float
+    log_prob_form: str
+    ratio_norm: bool
+    train_fraction: float
+    inner_epochs: int
+    updates_per_rollout: int
+    max_grad_norm: float | None
+    drop_zero_advantage: bool
+
+
 class PPOUpdate(LightningModule):
-    """Update hooks of :class:`~precise_lightning.modules.GRPOModule`, which sets ``policy``, ``sampler``, ``guard``,
-    ``seed``, ``rollouts`` and the PPO hparams."""
+    """Update hooks of :class:`~precise_lightning.modules.GRPOModule`, which sets the attributes below."""
+
+    policy: Policy
+    sampler: Sampler  # the training sampler: its steps' times, gains and log-probs
+    ppo: PPOSettings
+    guard: NonFiniteGuard  # counts skipped optimizer steps
+    seed: int  # the run's seed and the rollouts done: with them a rollout's step subset is drawn
+    rollouts: int
 
     def trained_steps(self, sde_steps: list[int]) -> list[int]:
         """The stochastic steps trained this iteration: all, or a random subset of ``int(train_fraction * K)`` of
         the K (DanceGRPO's ``timestep_fraction`` count, train_grpo_flux.py:570; at least one), the same on every
         rank and for every sample: drawn from the rollout's seed."""
-        k = max(1, int(self.hparams.train_fraction * len(sde_steps)))
+        k = max(1, int(self.ppo.train_fraction * len(sde_steps)))
         if k == len(sde_steps):
             return list(sde_steps)
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.rollouts, 1))
@@ -49,11 +75,10 @@ class PPOUpdate(LightningModule):
         Diagnostics stay detached tensors (no host sync per backward) and are reduced once when logged. An
         optimizer step whose gradient norm (of the whole model, under sharding too) is not finite is skipped.
         """
-        hp = self.hparams
+        hp = self.ppo
         opt = self.optimizers()
         steps = self.trained_steps(trajectories[0].sde_steps)
         groups = update_groups(len(slices), hp.updates_per_rollout)
-        times = self.sampler.timesteps
         # Every process logs the same keys in the same order (their reductions are collectives), whatever it ran.
         stats: dict[str, list[Tensor]] = {k: [] for k in (*STEP_STATS, "ratio_drift_first", "dropped_micro_batches",
                                                            "grad_norm")}
@@ -71,8 +96,7 @@ class PPOUpdate(LightningModule):
                     traj, cond_m, adv = trajectories[m], slice_cond(cond, slices[m]), advantages[slices[m]]
                     ref_means = self._reference_means(traj, cond_m, steps) if hp.beta > 0 else {}
                     for i in steps:
-                        out = self._step_loss(traj, cond_m, adv, i, float(times[i]), float(times[i + 1]),
-                                              ref_means.get(i))
+                        out = self._step_loss(traj, cond_m, adv, i, ref_means.get(i))
                         with self._grad_sync((m, i) == last):
                             self.manual_backward(out.pop("loss") * (scale * weight))
                         if not weight:  # a stand-in that keeps collectives in step: no diagnostics
@@ -115,7 +139,7 @@ class PPOUpdate(LightningModule):
         """Total gradient norm of the trainable weights (of the whole model: sharded norms are combined), clipped
         to ``max_grad_norm``."""
         params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
-        limit = self.hparams.max_grad_norm if self.hparams.max_grad_norm is not None else math.inf
+        limit = self.ppo.max_grad_norm if self.ppo.max_grad_norm is not None else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, limit)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
@@ -127,26 +151,24 @@ class PPOUpdate(LightningModule):
     @torch.no_grad()
     def _reference_means(self, traj: Trajectory, cond: Any, steps: list[int]) -> dict[int, Tensor]:
         """The reference model's transition means [b, ...] at ``steps`` of one micro-batch, in one switch to it."""
-        times = self.sampler.timesteps
         means = {}
         with self.policy.reference():
             for i in steps:
                 x = traj.latents[i]
-                v = self.policy.velocity(x, torch.tensor(float(times[i]), dtype=x.dtype, device=x.device), cond)
+                v = self.policy.velocity(x, x.new_tensor(self.sampler.step_times(i)[0]), cond)
                 means[i] = self.sampler.score(i, x, v, traj.latents[i + 1], _d_prev(traj, i)).mean
         return means
 
     def _step_loss(
-        self, traj: Trajectory, cond: Any, advantages: Tensor, i: int, t: float, t_next: float,
-        mean_ref: Tensor | None = None,
+        self, traj: Trajectory, cond: Any, advantages: Tensor, i: int, mean_ref: Tensor | None = None,
     ) -> dict[str, Any]:
         """Loss (with graph) and detached diagnostics of stochastic step ``i`` for one micro-batch; ``mean_ref``
         is the reference model's mean there (needed when ``beta > 0``)."""
-        hp = self.hparams
+        hp = self.ppo
         k = traj.sde_steps.index(i)
         x, x_next = traj.latents[i], traj.latents[i + 1]
-        t_tensor = torch.tensor(t, dtype=x.dtype, device=x.device)
-        v = self.policy.velocity(x, t_tensor, cond)
+        t, t_next = self.sampler.step_times(i)
+        v = self.policy.velocity(x, x.new_tensor(t), cond)
         if v.requires_grad and i in self._v_grad_sq:
             v.register_hook(partial(self._record_v_grad, i))
         out = self.sampler.score(i, x, v, x_next, _d_prev(traj, i))
@@ -159,7 +181,7 @@ class PPOUpdate(LightningModule):
             log_ratio = out.log_prob - old_log_prob
         ppo = ppo_policy_loss(log_ratio, advantages, hp.clip_range)
         loss = ppo.loss
-        gain = velocity_gain(self.sampler.rule, t, t_next, self.sampler.eta, self.sampler.previous_time(i))
+        gain = self.sampler.gain(i)
         if hp.ratio_norm:
             loss = loss / abs(gain)
         kl = torch.zeros((), device=x.device)

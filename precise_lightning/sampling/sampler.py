@@ -10,7 +10,7 @@ from torch import Tensor
 
 from precise_lightning.sampling.grids import LinearGrid, TimeGrid
 from precise_lightning.sampling.rollout import Generators, StepOutput, Trajectory, Velocity, rollout, sde_step
-from precise_lightning.sampling.rules import check_rule, previous_step, transition
+from precise_lightning.sampling.rules import check_rule, previous_step, transition, velocity_gain
 
 
 class Sampler:
@@ -186,6 +186,16 @@ class Sampler:
             lower_order_final=self.lower_order_final,
             stochastic_last_step=self.stochastic_last_step,
         )
+
+    def step_times(self, step: int) -> tuple[float, float]:
+        """``(t, t')`` of step ``step``: the times it moves between."""
+        return float(self.timesteps[step]), float(self.timesteps[step + 1])
+
+    def gain(self, step: int) -> float:
+        """``d mean / d v`` of step ``step``'s transition (:func:`velocity_gain`): how far a velocity change moves
+        the mean, what GRPO-Guard divides the loss by and the KL forms read."""
+        t, t_next = self.step_times(step)
+        return velocity_gain(self.rule, t, t_next, self.eta, self.previous_time(step))
 
     def previous_time(self, step: int) -> float | None:
         """The time of the previous step whose x0_hat step ``step`` reads (multistep rules), else None."""
