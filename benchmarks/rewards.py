@@ -4,8 +4,10 @@ demo's rollout.
 
 PickScore is OpenCLIP ViT-H/14 (986M parameters), HPSv2.1 the same architecture in open_clip, CLIPScore OpenAI
 ViT-L/14 (428M), the aesthetic predictor an MLP on that ViT-L/14's image tower, ImageReward BLIP's ViT-L/16 with a
-BERT-base text encoder reading it (about 470M). Images are 512 x 512 (the recipes' resolution), prompts a GRPO batch (each repeated 8 times).
-On a GPU each scorer also runs with bfloat16 weights. Prints a table and saves a bar chart.
+BERT-base text encoder reading it (about 470M); the OCR reward PaddleOCR's PP-OCRv4 detection and recognition models
+on onnxruntime (CPU, the models its wheel ships; it reads images with a line of text drawn on them). Images are
+512 x 512 (the recipes' resolution), prompts a GRPO batch (each repeated 8 times).
+On a GPU each neural scorer also runs with bfloat16 weights. Prints a table and saves a bar chart.
 
     python benchmarks/rewards.py [--batch 32] [--repeats 3] [--device auto] [--out benchmarks/out] [--only NAME ...]
     python benchmarks/rewards.py --size tiny --repeats 1   # seconds: checks the script, measures nothing useful
@@ -29,7 +31,7 @@ import torch
 
 from precise_lightning.hub import set_model_root
 from precise_lightning.policies import DigitsPolicy
-from precise_lightning.rewards import AestheticScore, CLIPScore, HPSv2, ImageReward, PickScore
+from precise_lightning.rewards import AestheticScore, CLIPScore, HPSv2, ImageReward, OCRReward, PickScore
 from precise_lightning.sampling import Sampler
 from precise_lightning.architectures.rewards import (
     AESTHETIC_DIR, write_aesthetic, write_clip_rewards, write_hpsv2, write_imagereward,
@@ -42,7 +44,9 @@ SCORERS = {
     "CLIPScore (ViT-L/14)": lambda root, dtype: CLIPScore(dtype=dtype),
     "Aesthetic (ViT-L/14 + MLP)": lambda root, dtype: AestheticScore(str(root / AESTHETIC_DIR), dtype=dtype),
     "ImageReward (BLIP ViT-L/16)": lambda root, dtype: ImageReward(dtype=dtype),
+    "OCR (PP-OCRv4, onnxruntime)": lambda root, dtype: OCRReward(),
 }
+FLOAT32_ONLY = {"OCR (PP-OCRv4, onnxruntime)"}  # its engine runs its own float32 models on the CPU
 GROUP = 8
 
 
@@ -77,17 +81,20 @@ def bench_scorers(root: Path, device: torch.device, batch: int, repeats: int, na
     set_model_root(str(root))
     g = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, 512, 512, generator=g).to(device)
-    prompts = [f"prompt number {i // GROUP}: a detailed photo of a red fox in snow" for i in range(batch)]
+    prompts = [f'prompt number {i // GROUP}: a red fox in snow holding a sign that says "hello world {i // GROUP}"'
+               for i in range(batch)]
+    texts = _text_images(prompts).to(device)
     dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
     rows = []
     for name in names:
-        for dtype in dtypes:
+        inputs = texts if name in FLOAT32_ONLY else images
+        for dtype in dtypes if name not in FLOAT32_ONLY else ["float32"]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             scorer = SCORERS[name](root, dtype).to(device)
             load_s = time.perf_counter() - start
-            seconds = _timed(lambda scorer=scorer: scorer(images, prompts), device, repeats)
+            seconds = _timed(lambda scorer=scorer, inputs=inputs: scorer(inputs, prompts), device, repeats)
             rows.append(dict(what=name, dtype=dtype, seconds=seconds, images_per_s=batch / seconds,
                              load_s=load_s, weights_gib=_weights_gib(scorer), peak_gib=_peak_gpu_gib(device)))
             print(f"  {name} {dtype}: {batch / seconds:.2f} images/s", flush=True)
@@ -95,6 +102,22 @@ def bench_scorers(root: Path, device: torch.device, batch: int, repeats: int, na
             gc.collect()
     set_model_root(None)
     return rows
+
+
+def _text_images(prompts: list[str]) -> torch.Tensor:
+    """[B, 3, 512, 512]: each prompt's quoted text drawn in black (DejaVu Sans, 48 px) on a light random background."""
+    import matplotlib
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 48)
+    rng = np.random.default_rng(0)
+    images = []
+    for prompt in prompts:
+        image = Image.fromarray(rng.integers(170, 256, (512, 512, 3), dtype=np.uint8))
+        ImageDraw.Draw(image).text((32, 232), prompt.split('"')[1], fill="black", font=font)
+        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255)
+    return torch.stack(images)
 
 
 def dtype_error(root: Path, device: torch.device, batch: int, names: list[str]) -> None:
@@ -188,7 +211,7 @@ def main() -> None:
             write_aesthetic(Path(root), args.size)
         write_imagereward(Path(root), args.size)
         if args.dtype_error:
-            dtype_error(Path(root), device, args.batch, names)
+            dtype_error(Path(root), device, args.batch, [n for n in names if n not in FLOAT32_ONLY])
             return
         rows = bench_scorers(Path(root), device, args.batch, args.repeats, names)
     rows.append(bench_demo_rollout(device, args.repeats))

@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from precise_lightning.data.prompts import read_prompts
 from precise_lightning.modules.checks import check_precision, check_settings, micro_slices
+from precise_lightning.rewards.reward import Reward
 
 SETTINGS = ("clip_range", "adv_clip_max", "beta", "kl_form", "kl_eta", "log_prob_form", "ratio_norm", "std_scope",
             "std_eps", "train_fraction", "inner_epochs", "micro_batch_size", "updates_per_rollout", "max_grad_norm",
@@ -39,7 +40,7 @@ def check_config(subcommand: str | None, config: Any) -> None:
         check_writable_dir(path, key)
     if model.policy is not None and getattr(model.policy, "class_path", None):
         import_object(model.policy.class_path).check_arguments(_plain(model.policy.get("init_args")))
-    check_required_metadata(config.reward, data)
+    check_reward_prompts(config.reward, data)
     if subcommand == "fit":
         per_rollout = model.updates_per_rollout * model.inner_epochs
         if trainer.max_steps > 0 and trainer.max_steps % per_rollout:
@@ -85,25 +86,31 @@ def check_writable_dir(path: str, key: str) -> None:
                               "file system). Give a directory you can write")
 
 
-def check_required_metadata(reward: Any, data: Any) -> None:
-    """Rewards whose class names ``required_metadata`` find those fields on every prompt of the files they see
-    (training rewards: both files; held-out metrics: the evaluation prompts)."""
+def check_reward_prompts(reward: Any, data: Any) -> None:
+    """The prompts of the files each reward sees (training rewards: both files; held-out metrics: the evaluation
+    prompts) carry the fields its class names in ``required_metadata`` and pass its ``prompt_problem``."""
     for section in ("rewards", "metrics"):
         for name, spec in (reward.get(section) or {}).items():
-            required = getattr(import_object(spec.class_path), "required_metadata", ()) if spec else ()
-            if not required:
+            cls = import_object(spec.class_path) if spec else None
+            required = getattr(cls, "required_metadata", ())
+            problem = getattr(cls, "prompt_problem", None)
+            if not required and (problem is None or problem.__func__ is Reward.prompt_problem.__func__):
                 continue
+            label = f"reward.{section}.{name} ({spec.class_path.rsplit('.', 1)[-1]})"
             files = [data.eval_file or data.train_file] + ([data.train_file] if section == "rewards" else [])
             for path in dict.fromkeys(f for f in files if f):
                 records = read_prompts(path)
                 missing = [r["prompt"] for r in records if any(k not in r for k in required)]
                 if missing:
                     raise ValueError(
-                        f"reward.{section}.{name} ({spec.class_path.rsplit('.', 1)[-1]}) needs the fields "
-                        f"{list(required)} on every prompt, and {path} lacks them on {len(missing)} of its "
-                        f"{len(records)} (e.g. {missing[0]!r}): use a .jsonl prompt file whose lines carry them "
-                        "(for GenEval, its own metadata files: see the README)"
+                        f"{label} needs the fields {list(required)} on every prompt, and {path} lacks them on "
+                        f"{len(missing)} of its {len(records)} (e.g. {missing[0]!r}): use a .jsonl prompt file "
+                        "whose lines carry them (for GenEval, its own metadata files: see the README)"
                     )
+                for number, record in enumerate(records, start=1):
+                    reason = problem(record["prompt"])
+                    if reason:
+                        raise ValueError(f"{label} cannot score prompt {number} of {path}: {reason}")
 
 
 def check_yaml_files(args: list[str]) -> None:

@@ -56,6 +56,7 @@ class FakeServer:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            counted = False  # this request is in flight on the fake's count
             def log_message(self, *args) -> None:  # quiet
                 pass
 
@@ -67,11 +68,19 @@ class FakeServer:
                     fake.requests.append(request | {"path": self.path, "auth": self.headers.get("Authorization")})
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                self.counted = True
                 try:
                     self._answer(fake.script(number), request)
                 finally:
-                    with fake.lock:
+                    self._leave()
+
+            def _leave(self) -> None:
+                """Out of flight before the reply is written: once the client reads it, it may send the next one
+                while this handler thread is still finishing, which must not count as a third request at once."""
+                with fake.lock:
+                    if self.counted:
                         fake.in_flight -= 1
+                        self.counted = False
 
             def _answer(self, behaviour: str, request: dict) -> None:
                 if behaviour == "slow":
@@ -87,6 +96,7 @@ class FakeServer:
                 self._send(200, json.dumps(answer).encode())
 
             def _send(self, status: int, body: bytes) -> None:
+                self._leave()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Length", str(len(body)))

@@ -23,6 +23,9 @@ PROMPTS = ["a red cube on a wooden table", "a photo of a cat wearing a small hat
 ALL = model_recipes()
 SD35 = next(m for m in ALL if m.policy is SD3Policy)
 MODELS = pytest.mark.parametrize("m", ALL, ids=[Path(m.config).stem for m in ALL])
+# Training runs of generic code: SD3.5 in the inner loop, the other models with the slow tier.
+SD35_FAST = pytest.mark.parametrize("m", [pytest.param(m, marks=() if m is SD35 else pytest.mark.slow) for m in ALL],
+                                    ids=[Path(m.config).stem for m in ALL])
 
 
 def _policy_image(m: Model, policy, noise: torch.Tensor, steps: int) -> torch.Tensor:
@@ -158,7 +161,7 @@ def test_recipe_trains_two_iterations_and_its_lora_loads_into_a_stock_pipeline(t
     assert (_stock_image(base, policy, noise, 6) - trained).abs().max() > 1e-3  # the LoRA matters
 
 
-@MODELS
+@SD35_FAST
 def test_recipe_runs_in_bf16_mixed_with_ratio_exactly_one(tmp_path, model_root, m):
     """Rollout and re-scoring compute identically under autocast; log-probs stay float32. The sampler is Precise-2M
     (its stored previous x0_hat makes re-scoring exact too); the reward is the smoke overlay's JPEG
@@ -179,7 +182,7 @@ def test_recipe_runs_in_bf16_mixed_with_ratio_exactly_one(tmp_path, model_root, 
     assert traj.log_probs.dtype == torch.float32 and torch.isfinite(traj.log_probs).all()
 
 
-@MODELS
+@SD35_FAST
 def test_full_fine_tuning_with_a_kl_reference(tmp_path, model_root, m):
     run = cli.main(_recipe(m, tmp_path, "--model_root", str(model_root), "--model.policy.init_args.lora_rank", "0",
                            "--trainer.max_steps", "2", "--model.beta", "0.1"), run=False)
@@ -213,14 +216,24 @@ SAMPLER_OVERLAYS = {  # overlay: (rule, eta, ratio_norm, clip_range, stochastic 
 
 
 @pytest.mark.parametrize("overlay", SAMPLER_OVERLAYS)
-def test_sampler_overlays_set_the_sampler_and_its_published_ppo_settings(tmp_path, model_root, overlay):
-    """Each overlay on the SD3.5 recipe: the rule, its noise, its PPO settings; the recipe's steps and grid stay."""
-    run = cli.main(_recipe(SD35, tmp_path, "--model_root", str(model_root),
-                           "--config", f"configs/samplers/{overlay}.yaml"), run=False)
-    model, (rule, eta, ratio_norm, clip_range, steps) = run.model, SAMPLER_OVERLAYS[overlay]
-    assert (model.sampler.rule, model.sampler.eta, model.sampler.num_steps) == (rule, eta, 10)
-    assert (model.hparams.ratio_norm, model.hparams.clip_range, model.sampler.sde_steps) == (ratio_norm, clip_range, steps)
-    torch.testing.assert_close(model.sampler.timesteps, SD3Grid(3.0)(10), rtol=0, atol=0)  # the policy's grid
+def test_sampler_overlays_set_the_sampler_and_its_published_ppo_settings(overlay, capsys):
+    """Each overlay on the SD3.5 recipe: the rule, its noise, its PPO settings; the recipe's steps stay and its grid
+    stays the policy's (no grid of its own: test_policy_grid_is_the_pipeline_scheduler_s checks which)."""
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", SD35.config, "--config", f"configs/samplers/{overlay}.yaml", "--print_config"])
+    parsed = yaml.safe_load(capsys.readouterr().out)["model"]
+    sampler = Sampler(**parsed["sampler"]["init_args"])
+    rule, eta, ratio_norm, clip_range, steps = SAMPLER_OVERLAYS[overlay]
+    assert (sampler.rule, sampler.eta, sampler.num_steps, sampler.grid) == (rule, eta, 10, None)
+    assert (parsed["ratio_norm"], parsed["clip_range"], sampler.sde_steps) == (ratio_norm, clip_range, steps)
+
+
+def test_policy_grid_is_the_pipeline_scheduler_s(tmp_path, model_root):
+    """A sampler without a grid samples on the policy's: SD3.5's scheduler grid, shift 3."""
+    run = cli.main(_recipe(SD35, tmp_path, "--model_root", str(model_root)), run=False)
+    torch.testing.assert_close(run.model.sampler.timesteps, SD3Grid(3.0)(10), rtol=0, atol=0)
+    assert run.model.eval_sampler.timesteps.shape == (41,)  # its 40-step ODE evaluation, on the same grid family
+    torch.testing.assert_close(run.model.eval_sampler.timesteps, SD3Grid(3.0)(40), rtol=0, atol=0)
 
 
 @MODELS

@@ -328,3 +328,14 @@ def test_qwen_image_window_is_the_one_flow_grpo_s_seeded_draw_gives():
     random.seed(0)
     start = random.randint(0, 5 - 2)
     assert [start, start + 2] == next(v for k, v, _ in QWEN if k == "model.sampler.init_args.sde_window")
+
+
+def test_sd35_ocr_overlay_is_flow_grpo_s_text_rendering_run(capsys):
+    """config/grpo.py general_ocr_sd3 (lines 29-67) differs from pickscore_sd3 in its reward, prompts and beta."""
+    parsed = _parsed("configs/sd35_precise.yaml --config configs/sd35_ocr.yaml", capsys)
+    assert list(parsed["reward"]["rewards"]) == ["ocr"]  # {FLOW_GRPO} config/grpo.py:60-62
+    assert parsed["reward"]["rewards"]["ocr"]["class_path"] == "precise_lightning.rewards.OCRReward"
+    assert parsed["model"]["beta"] == 0.04  # {FLOW_GRPO} config/grpo.py:52
+    assert parsed["data"]["eval_file"] == "data/ocr/test.txt"  # {FLOW_GRPO} config/grpo.py:32 (dataset/ocr)
+    wrong = [key for key, value, _ in SD35 if key != "model.beta" and not key.startswith("reward.") and _get(parsed, key) != value]
+    assert not wrong, wrong

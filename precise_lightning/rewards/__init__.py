@@ -2,7 +2,8 @@
 (float32, no grad).
 
 PickScore, HPSv2.1, CLIPScore, ImageReward and the aesthetic score return the metric as the papers report it;
-the demo's digit classifier returns a probability; the JPEG rewards need no weights; GenEval and UnifiedReward are
+the demo's digit classifier returns a probability; the JPEG rewards need no weights; the OCR reward reads the
+prompt's quoted text with an OCR engine (its models ship in its wheel); GenEval and UnifiedReward are
 scored by servers the user runs (they return their parts too: ``detail_names``). Mixes and held-out metrics are
 configured on :class:`precise_lightning.callbacks.RewardScorer`.
 """
@@ -14,6 +15,7 @@ from precise_lightning.rewards.geneval import GenEvalReward
 from precise_lightning.rewards.hpsv2 import HPSv2
 from precise_lightning.rewards.imagereward import ImageReward
 from precise_lightning.rewards.jpeg import JPEGCompressibility, JPEGIncompressibility
+from precise_lightning.rewards.ocr import OCRReward
 from precise_lightning.rewards.preprocess import ClipPreprocess
 from precise_lightning.rewards.remote import RemoteRewardError
 from precise_lightning.rewards.reward import Reward
@@ -21,6 +23,6 @@ from precise_lightning.rewards.unified_reward import UnifiedReward
 
 __all__ = [
     "AestheticScore", "CLIPScore", "ClipPreprocess", "DigitClassifierReward", "GenEvalReward", "HPSv2", "ImageReward",
-    "JPEGCompressibility", "JPEGIncompressibility", "PickScore", "PreciseCLIPScore", "RemoteRewardError", "Reward",
-    "UnifiedReward",
+    "JPEGCompressibility", "JPEGIncompressibility", "OCRReward", "PickScore", "PreciseCLIPScore", "RemoteRewardError",
+    "Reward", "UnifiedReward",
 ]

@@ -16,6 +16,8 @@ class Reward(nn.Module):
     ``may_abstain`` (a NaN score means it gave none for that image, e.g. a judge's answer without scores: the
     image gets advantage 0 and leaves its group's statistics, as the Precise code treats its -10 sentinel,
     ``stat_tracking.py:17-49``; a NaN from any other reward is a fault, and the iteration's update is skipped).
+    A reward that cannot score some prompts (the OCR reward: one without quoted text) says why in
+    :meth:`prompt_problem`, checked on the prompt files when the config is parsed.
     """
 
     wants_metadata: bool = False
@@ -24,3 +26,8 @@ class Reward(nn.Module):
     io_bound: bool = False
     detail_names: tuple[str, ...] = ()
     may_abstain: bool = False
+
+    @classmethod
+    def prompt_problem(cls, prompt: str) -> str | None:
+        """Why this reward cannot score ``prompt`` (None: it can)."""
+        return None
