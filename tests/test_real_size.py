@@ -73,14 +73,27 @@ def _lora_by_hand_klein(r: int = 16, d: int = 3072, mlp: int = 9216, double: int
     return double * (square + ff) + single * fused
 
 
+def _lora_by_hand_flux1(r: int = 128, d: int = 3072) -> int:
+    """DanceGRPO's to_q / to_k / to_v / to_out.0: four square projections per double block (19), the three of q,
+    k, v per single block (38), which have no to_out."""
+    return 19 * 4 * r * 2 * d + 38 * 3 * r * 2 * d
+
+
+def _lora_by_hand_qwen_image(r: int = 64, d: int = 3072, mlp: int = 4 * 3072) -> int:
+    """Flow-GRPO's twelve targets per block (60): eight square attention projections, both streams' MLPs."""
+    return 60 * (8 * r * 2 * d + 4 * r * (d + mlp))
+
+
 @pytest.fixture(scope="module")
 def recipes():
     return {name: build_policy(parse(["--config", f"configs/{name}.yaml"]))
-            for name in ("sd35_precise", "flux2_klein_precise")}
+            for name in ("sd35_precise", "flux2_klein_precise", "flux1_dev_hpsv2", "qwen_image_pickscore")}
 
 
 @pytest.mark.parametrize("name, by_hand, blocks", [("sd35_precise", _lora_by_hand_sd35(), 24),
-                                                   ("flux2_klein_precise", _lora_by_hand_klein(), 5 + 20)])
+                                                   ("flux2_klein_precise", _lora_by_hand_klein(), 5 + 20),
+                                                   ("flux1_dev_hpsv2", _lora_by_hand_flux1(), 19 + 38),
+                                                   ("qwen_image_pickscore", _lora_by_hand_qwen_image(), 60)])
 def test_recipe_lora_counts_shard_units_and_frozen_parts_at_real_size(recipes, name, by_hand, blocks):
     policy = recipes[name]
     assert policy.device.type == "meta"
@@ -176,3 +189,11 @@ def test_plan_peak_equals_the_peak_measured_on_real_tensors_within_10_percent(tm
     measured = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     print(f"{config}: plan {predicted} bytes, measured {measured} bytes")
     assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+
+
+@pytest.mark.parametrize("name, billions", [("flux1_dev_hpsv2", 12), ("qwen_image_pickscore", 20)])
+def test_transcribed_transformers_have_their_model_cards_sizes(recipes, name, billions):
+    """FLUX.1-dev's card: "a 12 billion parameter rectified flow transformer"; Qwen-Image's: "a 20B MMDiT". Their
+    configs were transcribed without a download: a wrong width or depth would show here."""
+    transformer = recipes[name].pipeline.transformer
+    assert round(sum(p.numel() for p in transformer.parameters()) / 1e9) == billions

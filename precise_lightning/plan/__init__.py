@@ -76,6 +76,7 @@ def build_policy(recipe: Recipe) -> Policy:
         return cls(**init)
     if init.get("text_dtype") is None and recipe.config.trainer.accelerator != "cpu":
         init["text_dtype"] = "bfloat16"  # frozen_dtype's default on a GPU machine (the plan may run without one)
+    init["model"] = init.get("model") or cls.hub_id
     if init.get("random_weights") or not Path(resolve(init["model"])).expanduser().exists():
         init["random_weights"] = True
         with torch.device("meta"):
@@ -85,8 +86,13 @@ def build_policy(recipe: Recipe) -> Policy:
 
 def _sampler(recipe: Recipe, policy: Policy) -> Sampler:
     spec = recipe.config.model.sampler
-    sampler = import_object(spec.class_path)(**vars(spec.init_args)) if spec is not None else Sampler()
-    return sampler.for_policy(policy)
+    if spec is None:
+        return Sampler().for_policy(policy)
+    init = dict(vars(spec.init_args))
+    grid = init.get("grid")
+    if grid is not None and hasattr(grid, "class_path"):  # a grid of the config's own (FLUX.1's shifted linspace)
+        init["grid"] = import_object(grid.class_path)(**vars(grid.init_args))
+    return import_object(spec.class_path)(**init).for_policy(policy)
 
 
 def _largest_unit(policy: Policy) -> int:
