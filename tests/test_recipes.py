@@ -129,6 +129,8 @@ FLUX1 = [
     ("model.policy.init_args.guidance", 3.5, f"{DANCE} fastvideo/train_grpo_flux_lora.py:177-178"),
     ("model.policy.init_args.guidance_scale", 1.0, f"{DANCE_LORA}:37 (--cfg 0.0)"),
     ("model.policy.init_args.gradient_checkpointing", True, f"{DANCE_LORA}:25"),
+    ("model.policy.init_args.offload_text_encoders", True,
+     f"{DANCE} fastvideo/train_grpo_flux_lora.py (prompts encoded ahead: no text encoder on the GPU)"),
     ("model.policy.init_args.lora_rank", 128, f"{DANCE_LORA}:58"),
     ("model.policy.init_args.lora_alpha", 256.0, f"{DANCE_LORA}:57"),
     ("model.policy.init_args.lora_targets", ["to_k", "to_q", "to_v", "to_out.0"],

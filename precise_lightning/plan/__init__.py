@@ -144,6 +144,8 @@ def plan(config_args: list[str], devices: int, gpu_memory_gb: float, tflops: flo
     components["EMA shadow (float32)"] = 4 * trainable / shard
     resident = sum(components.values())
 
+    if offload:  # counted above: measured in place (meta tensors cannot move to host memory)
+        policy.offload_text_encoders = False
     encoded, cond = measure_encode(policy, [PROMPT] * batch)
     cond_bytes = sum(v.numel() * v.element_size() for v in cond.values()) if isinstance(cond, dict) else 0
     text_bytes = sum(parameter_bytes(t) for t in text)
