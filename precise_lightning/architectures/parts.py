@@ -11,6 +11,12 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 Size = Literal["tiny", "real"]
 TINY_RESOLUTION = 32  # pixels; the tiny VAE halves it once, the transformer's 2x2 patches halve it again
+# The text encoders SD3.5 Medium and FLUX.1-dev share, as their config.json files publish them (SD3.5: text_encoder/
+# and text_encoder_3/; FLUX.1-dev: text_encoder/ and text_encoder_2/): CLIP ViT-L/14's text tower and T5 v1.1 XXL.
+CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
+T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu",
+              vocab_size=32128)
 TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=TINY_RESOLUTION)
 
 

@@ -9,9 +9,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from precise_lightning.architectures.parts import TINY_VAE, Size, capped, kl_vae
+from precise_lightning.architectures.parts import CLIP_L_TEXT, T5_XXL, TINY_VAE, Size, capped, kl_vae
 from precise_lightning.architectures.tokenizers import clip_tokenizer, t5_tokenizer
-from precise_lightning.policies.pipeline import PipelinePolicy, denoiser_dtype
+from precise_lightning.policies.pipeline import PackedLatentPolicy, denoiser_dtype, scaled_decode
 from precise_lightning.sampling import FluxGrid
 
 FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
@@ -22,10 +22,8 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=[16, 56, 56]),
-    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu"),
-    "text_encoder_2": dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
-        feed_forward_proj="gated-gelu", vocab_size=32128),
+    "text_encoder": CLIP_L_TEXT,
+    "text_encoder_2": T5_XXL,
     "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
         layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
         use_quant_conv=False, use_post_quant_conv=False),
@@ -34,7 +32,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
 }
 
 
-class FluxPolicy(PipelinePolicy):
+class FluxPolicy(PackedLatentPolicy):
     """FLUX.1-dev: CLIP-L pooled and T5 prompt embeddings (the pipeline's ``encode_prompt``), latents kept as the
     VAE's ``[C, H/8, W/8]`` grid and packed into 2x2 tokens with their position ids for each transformer call,
     decoded with the VAE's scaling and shift, sampled on the scheduler's dynamically shifted grid at the policy's
@@ -91,17 +89,8 @@ class FluxPolicy(PipelinePolicy):
         return FluxGrid(self.latent_shape[1] * self.latent_shape[2] // 4, c.base_image_seq_len, c.max_image_seq_len,
                         c.base_shift, c.max_shift)
 
-    def latent_shape_for(self, pipe: FluxPipeline, resolution: int) -> tuple[int, ...]:
-        factor = pipe.vae_scale_factor * 2
-        if resolution % factor:
-            raise ValueError(f"resolution ({resolution}) must be a multiple of {factor} (VAE factor x 2x2 packing)")
-        side = resolution // pipe.vae_scale_factor
-        return (pipe.transformer.config.in_channels // 4, side, side)
-
     def pipeline_call_arguments(self, latents: Tensor) -> dict[str, Any]:
-        b, c, h, w = latents.shape
-        return super().pipeline_call_arguments(self.pipeline._pack_latents(latents, b, c, h, w)) | {
-            "guidance_scale": self.guidance, "true_cfg_scale": self.guidance_scale, "negative_prompt": self.negative_prompt}
+        return super().pipeline_call_arguments(latents) | {"guidance_scale": self.guidance}
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         """{"embeds": [B, L, D], "pooled": [B, P], "text_ids": [B, L, 3]} (ids repeated per row, so that a batch
@@ -123,7 +112,4 @@ class FluxPolicy(PipelinePolicy):
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        config = self.vae.config
-        latents = latents.to(self.vae.dtype) / config.scaling_factor + config.shift_factor
-        images = self.vae.decode(latents, return_dict=False)[0]
-        return self.pipeline.image_processor.postprocess(images, output_type="pt").float()
+        return scaled_decode(self.vae, self.pipeline.image_processor, latents)

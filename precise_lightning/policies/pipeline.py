@@ -190,6 +190,24 @@ class PipelinePolicy(Policy):
         return v_uncond + self.guidance_scale * (v_cond - v_uncond)
 
 
+
+class PackedLatentPolicy(PipelinePolicy):
+    """A pipeline that packs its latents into 2x2 tokens (FLUX.1, Qwen-Image): the policy keeps them as the VAE's
+    ``[C, H/8, W/8]`` grid, packs them for each transformer call and for the stock pipeline's ``latents``."""
+
+    def latent_shape_for(self, pipe: Any, resolution: int) -> tuple[int, ...]:
+        factor = pipe.vae_scale_factor * 2
+        if resolution % factor:
+            raise ValueError(f"resolution ({resolution}) must be a multiple of {factor} (VAE factor x 2x2 packing)")
+        side = resolution // pipe.vae_scale_factor
+        return (pipe.transformer.config.in_channels // 4, side, side)
+
+    def pipeline_call_arguments(self, latents: Tensor) -> dict[str, Any]:
+        b, c, h, w = latents.shape
+        return super().pipeline_call_arguments(self.pipeline._pack_latents(latents, b, c, h, w)) | {
+            "true_cfg_scale": self.guidance_scale, "negative_prompt": self.negative_prompt}
+
+
 def denoiser_dtype(net: nn.Module) -> torch.dtype:
     return next(net.parameters()).dtype
 
@@ -214,3 +232,10 @@ def random_pipeline(build: Callable[[], Any], dtypes: dict[str, torch.dtype]) ->
                 if any(k in name.split(".") for k in keep):
                     sub.float()
     return pipe
+
+
+def scaled_decode(vae: nn.Module, image_processor: Any, latents: Tensor) -> Tensor:
+    """Images [B, 3, H, W] in [0, 1] from latents [B, C, h, w] through a VAE with a scaling and a shift factor (SD3,
+    FLUX.1), as their pipelines decode."""
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    return image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pt").float()

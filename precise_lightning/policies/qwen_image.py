@@ -12,7 +12,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from precise_lightning.architectures.parts import Size, capped
 from precise_lightning.architectures.tokenizers import qwen3_tokenizer
-from precise_lightning.policies.pipeline import PipelinePolicy, denoiser_dtype
+from precise_lightning.policies.pipeline import PackedLatentPolicy, denoiser_dtype
 from precise_lightning.sampling import FluxGrid
 
 QWEN_IMAGE = "Qwen/Qwen-Image"
@@ -37,7 +37,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
 }
 
 
-class QwenImagePolicy(PipelinePolicy):
+class QwenImagePolicy(PackedLatentPolicy):
     """Qwen-Image: Qwen2.5-VL prompt embeddings with their padding mask (the pipeline's ``encode_prompt``, its
     system template's tokens dropped), latents kept as the VAE's ``[C, H/8, W/8]`` grid and packed into 2x2 tokens
     for each transformer call, decoded with the VAE's per-channel mean and std, sampled on the scheduler's
@@ -93,17 +93,8 @@ class QwenImagePolicy(PipelinePolicy):
         return FluxGrid(self.latent_shape[1] * self.latent_shape[2] // 4, c.base_image_seq_len, c.max_image_seq_len,
                         c.base_shift, c.max_shift, c.shift_terminal)
 
-    def latent_shape_for(self, pipe: QwenImagePipeline, resolution: int) -> tuple[int, ...]:
-        factor = pipe.vae_scale_factor * 2
-        if resolution % factor:
-            raise ValueError(f"resolution ({resolution}) must be a multiple of {factor} (VAE factor x 2x2 packing)")
-        side = resolution // pipe.vae_scale_factor
-        return (pipe.transformer.config.in_channels // 4, side, side)
-
     def pipeline_call_arguments(self, latents: Tensor) -> dict[str, Any]:
-        b, c, h, w = latents.shape
-        return super().pipeline_call_arguments(self.pipeline._pack_latents(latents, b, c, h, w)) | {
-            "guidance_scale": None, "true_cfg_scale": self.guidance_scale, "negative_prompt": self.negative_prompt}
+        return super().pipeline_call_arguments(latents) | {"guidance_scale": None}
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         """{"embeds": [B, L, D], "mask": [B, L] bool}: the pipeline's embeddings, zero-padded to the batch's longest."""

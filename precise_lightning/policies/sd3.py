@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from transformers import T5Config, T5EncoderModel
 
 from precise_lightning.architectures.parts import (
+    CLIP_L_TEXT,
+    T5_XXL,
     TINY_RESOLUTION,
     TINY_VAE,
     Size,
@@ -19,7 +21,7 @@ from precise_lightning.architectures.parts import (
     tiny_clip_text,
 )
 from precise_lightning.architectures.tokenizers import clip_tokenizer, t5_tokenizer
-from precise_lightning.policies.pipeline import PipelinePolicy, denoiser_dtype
+from precise_lightning.policies.pipeline import PipelinePolicy, denoiser_dtype, scaled_decode
 from precise_lightning.sampling import SD3Grid
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
@@ -31,12 +33,10 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
         pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
         dual_attention_layers=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
-    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu"),
+    "text_encoder": CLIP_L_TEXT,
     "text_encoder_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
         projection_dim=1280, vocab_size=49408, max_position_embeddings=77, hidden_act="gelu"),
-    "text_encoder_3": dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
-        feed_forward_proj="gated-gelu", vocab_size=32128),
+    "text_encoder_3": T5_XXL,
     "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
         layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
         use_quant_conv=False, use_post_quant_conv=False),
@@ -113,8 +113,5 @@ class SD3Policy(PipelinePolicy):
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        config = self.vae.config
-        latents = latents.to(self.vae.dtype) / config.scaling_factor + config.shift_factor
-        images = self.vae.decode(latents, return_dict=False)[0]
-        return self.pipeline.image_processor.postprocess(images, output_type="pt").float()
+        return scaled_decode(self.vae, self.pipeline.image_processor, latents)
 
