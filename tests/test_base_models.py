@@ -315,3 +315,13 @@ def test_text_encoders_off_the_gpu_encode_the_same_and_wait_in_host_memory(model
     assert seen and all(devices == {offloaded.device} for devices in seen)
     assert all(next(e.parameters()).device.type == "cpu" for e in offloaded.text_encoders)
     assert len(offloaded.text_encoders) == len([c for c in m.policy.frozen if c.startswith("text_encoder")]) >= 1
+
+
+@pytest.mark.parametrize("m", ALL, ids=[Path(m.config).stem for m in ALL])
+def test_a_policy_is_found_by_its_short_class_path(m, capsys):
+    """Every module of precise_lightning.policies is imported by the package: no list to edit for a new model."""
+    for short in (m.policy.__name__, f"precise_lightning.policies.{m.policy.__name__}"):
+        with pytest.raises(SystemExit):
+            cli.main(["fit", "--config", m.config, "--model.policy.class_path", short, "--print_config"])
+        parsed = yaml.safe_load(capsys.readouterr().out)
+        assert parsed["model"]["policy"]["class_path"] == f"precise_lightning.policies.{m.policy.__name__}"
