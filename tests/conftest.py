@@ -113,7 +113,9 @@ def scalars(version: Path) -> dict[str, list[float]]:
 def _in_repo_with_a_shared_cache(tmp_path_factory, monkeypatch):
     """Tests run from the repository root (configs are relative paths) and share one cache of demo base models."""
     monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("PRECISE_LIGHTNING_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    base = tmp_path_factory.getbasetemp()  # under pytest-xdist a worker's; its parent is this run's, shared
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # (cached files are written atomically)
+    monkeypatch.setenv("PRECISE_LIGHTNING_CACHE", str(shared / "cache"))
 
 
 @pytest.fixture(scope="session")

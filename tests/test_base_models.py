@@ -23,7 +23,8 @@ PROMPTS = ["a red cube on a wooden table", "a photo of a cat wearing a small hat
 ALL = model_recipes()
 SD35 = next(m for m in ALL if m.policy is SD3Policy)
 MODELS = pytest.mark.parametrize("m", ALL, ids=[Path(m.config).stem for m in ALL])
-# Training runs of generic code: SD3.5 in the inner loop, the other models with the slow tier.
+# Generic code run per model (training runs, checkpointing, dtypes, offload): SD3.5 in the inner loop, the
+# other models in the slow tier.
 SD35_FAST = pytest.mark.parametrize("m", [pytest.param(m, marks=() if m is SD35 else pytest.mark.slow) for m in ALL],
                                     ids=[Path(m.config).stem for m in ALL])
 
@@ -250,7 +251,7 @@ def test_resolution_must_fit_the_latent_grid(model_root, m):
         m.policy(resolution=30)
 
 
-@MODELS
+@SD35_FAST
 def test_gradient_checkpointing_gives_the_same_velocity_and_gradients(model_root, m):
     torch.manual_seed(0)
     plain = m.policy(resolution=TINY_RESOLUTION, lora_rank=4, lora_targets=["to_q", "to_k", "to_v"])
@@ -271,7 +272,7 @@ def test_gradient_checkpointing_gives_the_same_velocity_and_gradients(model_root
         torch.testing.assert_close(a, b)
 
 
-@MODELS
+@SD35_FAST
 def test_text_encoders_load_in_text_dtype_the_vae_and_transformer_in_float32(model_root, m):
     """The published trainers' precision: text encoders in the mixed-precision dtype, VAE and transformer float32."""
     policy = m.policy(resolution=TINY_RESOLUTION, text_dtype="bfloat16")
@@ -299,7 +300,7 @@ def test_sd35_recipe_adapts_exactly_flow_grpo_s_modules(model_root):
     assert sorted(n for n in bare if ".attn2." not in n) == sorted(ours) and len(bare) == 19  # + attn2 q, k, v, out
 
 
-@MODELS
+@SD35_FAST
 def test_text_encoders_off_the_gpu_encode_the_same_and_wait_in_host_memory(model_root, m):
     """``offload_text_encoders``: the encoders are on the policy's device while they encode, in host memory after."""
     torch.manual_seed(0)
@@ -320,8 +321,7 @@ def test_text_encoders_off_the_gpu_encode_the_same_and_wait_in_host_memory(model
 @pytest.mark.parametrize("m", ALL, ids=[Path(m.config).stem for m in ALL])
 def test_a_policy_is_found_by_its_short_class_path(m, capsys):
     """Every module of precise_lightning.policies is imported by the package: no list to edit for a new model."""
-    for short in (m.policy.__name__, f"precise_lightning.policies.{m.policy.__name__}"):
-        with pytest.raises(SystemExit):
-            cli.main(["fit", "--config", m.config, "--model.policy.class_path", short, "--print_config"])
-        parsed = yaml.safe_load(capsys.readouterr().out)
-        assert parsed["model"]["policy"]["class_path"] == f"precise_lightning.policies.{m.policy.__name__}"
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", m.config, "--model.policy.class_path", m.policy.__name__, "--print_config"])
+    parsed = yaml.safe_load(capsys.readouterr().out)
+    assert parsed["model"]["policy"]["class_path"] == f"precise_lightning.policies.{m.policy.__name__}"
