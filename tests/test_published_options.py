@@ -103,3 +103,24 @@ def test_16_mixed_scales_the_loss_and_clips_unscaled_gradients(tmp_path):
             assert run.trainer.precision_plugin.scaler is not None
             assert float(run.trainer.callback_metrics["train/grad_scale"]) == 65536.0
     assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.05)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "kaiming"])
+def test_lora_init_draws_a_as_the_published_trainers_do(init):
+    """B starts at 0 either way (the policy starts as the base model); A is Gaussian with std 1 / rank (peft's
+    "gaussian": Flow-GRPO, Precise) or Kaiming-uniform within +-1 / sqrt(fan_in) (peft's default: DanceGRPO)."""
+    from precise_lightning.policies import DigitsPolicy
+
+    torch.manual_seed(0)
+    policy = DigitsPolicy(hidden=64, pretrain_steps=0, lora_rank=8, lora_targets=["mid1"], lora_init=init)
+    params = dict(policy.named_trainable_parameters())
+    a = next(p for n, p in params.items() if "lora_A" in n)
+    b = next(p for n, p in params.items() if "lora_B" in n)
+    assert torch.equal(b, torch.zeros_like(b))
+    if init == "gaussian":
+        assert abs(a.std().item() - 1 / 8) < 0.01
+    else:
+        bound = 1 / a.shape[1] ** 0.5
+        assert a.abs().max() <= bound and a.std().item() == pytest.approx(bound / 3**0.5, rel=0.1)
+    with pytest.raises(ValueError, match="lora_init must be"):
+        DigitsPolicy(hidden=64, pretrain_steps=0, lora_rank=8, lora_targets=["mid1"], lora_init="xavier")

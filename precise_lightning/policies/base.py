@@ -6,7 +6,7 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from huggingface_hub import save_torch_state_dict
@@ -31,20 +31,26 @@ class Policy(nn.Module):
 
     Subclasses build their network and hand it to :meth:`attach_denoiser`. With ``lora_rank > 0`` only peft LoRA
     adapters train and the reference model is the same network with adapters disabled; with ``lora_rank = 0`` the
-    whole denoiser trains and the reference is a frozen copy, made only when a KL penalty asks for it.
+    whole denoiser trains and the reference is a frozen copy, made only when a KL penalty asks for it. The adapters
+    start as the identity (B = 0) with A drawn as ``lora_init`` says: ``gaussian`` (std 1 / rank: Flow-GRPO's and the
+    Precise code's) or ``kaiming`` (peft's default, Kaiming-uniform: DanceGRPO's ``init_lora_weights=True``).
     """
 
     latent_shape: tuple[int, ...]
     pipeline_class: Any = None  # the diffusers pipeline whose save_lora_weights / load_lora_weights fit this model
     shard_blocks: tuple[str, ...] = ()  # the denoiser's attributes (modules or ModuleLists) FSDP shards one by one
 
-    def __init__(self, lora_rank: int = 0, lora_alpha: float | None = None, lora_targets: list[str] | None = None):
+    def __init__(self, lora_rank: int = 0, lora_alpha: float | None = None, lora_targets: list[str] | None = None,
+                 lora_init: Literal["gaussian", "kaiming"] = "gaussian"):
         super().__init__()
+        if lora_init not in ("gaussian", "kaiming"):
+            raise ValueError(f"lora_init must be 'gaussian' or 'kaiming', got {lora_init!r}")
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
         if lora_rank and not lora_targets:
             raise ValueError("lora_targets must name the modules that get adapters (e.g. ['to_q', 'to_k', 'to_v'])")
         self.lora_rank, self.lora_alpha, self.lora_targets = lora_rank, lora_alpha, lora_targets
+        self.lora_init = lora_init
         self.reference_denoiser: nn.Module | None = None
         self._use_reference = False
 
@@ -60,7 +66,7 @@ class Policy(nn.Module):
                 r=self.lora_rank,
                 lora_alpha=self.lora_alpha or self.lora_rank,
                 target_modules=self.lora_targets,
-                init_lora_weights="gaussian",
+                init_lora_weights="gaussian" if self.lora_init == "gaussian" else True,  # True: peft's Kaiming
                 lora_dropout=0.0,  # dropout would make rollout and re-scoring differ (ratio != 1)
             )
             denoiser = get_peft_model(denoiser, config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -75,7 +76,7 @@ class DigitsPolicy(Policy):
         label_noise: probability that pre-training sees a random label (weak conditioning: RL headroom).
         pretrain_steps: flow-matching steps of the base model, trained once and cached.
         cache_dir: where base models are cached (default ``$PRECISE_LIGHTNING_CACHE`` or ~/.cache/precise_lightning).
-        lora_rank, lora_alpha, lora_targets: see :class:`Policy` (0 = full fine-tuning).
+        lora_rank, lora_alpha, lora_targets, lora_init: see :class:`Policy` (0 = full fine-tuning).
     """
 
     latent_shape = (1, 8, 8)
@@ -91,8 +92,9 @@ class DigitsPolicy(Policy):
         lora_rank: int = 0,
         lora_alpha: float | None = None,
         lora_targets: list[str] | None = None,
+        lora_init: Literal["gaussian", "kaiming"] = "gaussian",
     ) -> None:
-        super().__init__(lora_rank, lora_alpha, lora_targets)
+        super().__init__(lora_rank, lora_alpha, lora_targets, lora_init)
         if not 0 <= label_noise <= 1:
             raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
         config = dict(hidden=hidden, label_noise=label_noise, steps=pretrain_steps, seed=seed, version=2)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ class PipelinePolicy(Policy):
             prompts are encoded (T5-XXL alone is 9.5 GB in bfloat16); the embeddings are the same.
         random_weights: build the published architecture with random weights instead of loading ``model`` (no
             download): for memory and speed checks at real size (``benchmarks/gpu_check.py``), never for training.
-        lora_rank, lora_alpha, lora_targets: see :class:`Policy` (0 = full fine-tuning of the transformer).
+        lora_rank, lora_alpha, lora_targets, lora_init: see :class:`Policy` (0 = full fine-tuning of the transformer).
     """
 
     hub_id: str
@@ -70,8 +70,9 @@ class PipelinePolicy(Policy):
         lora_rank: int = 0,
         lora_alpha: float | None = None,
         lora_targets: list[str] | None = None,
+        lora_init: Literal["gaussian", "kaiming"] = "gaussian",
     ) -> None:
-        super().__init__(lora_rank, lora_alpha, lora_targets)
+        super().__init__(lora_rank, lora_alpha, lora_targets, lora_init)
         model = model or self.hub_id
         if guidance_scale < 1:
             raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}")
