@@ -50,7 +50,7 @@ def check_config(subcommand: str | None, config: Any) -> None:
                 f"{(trainer.max_steps // per_rollout + 1) * per_rollout}"
             )
         sampler = model.sampler
-        if sampler is not None:  # the Sampler alone, on the uniform grid: zero noise does not depend on the grid
+        if sampler is not None and model.get("objective") is None:  # PPO's log-probs; the Sampler alone, on the uniform grid: zero noise does not depend on the grid
             init = {k: v for k, v in _plain(sampler.init_args).items() if k != "grid"}
             import_object(sampler.class_path)(**init).check_trainable()
 

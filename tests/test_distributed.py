@@ -27,6 +27,9 @@ STRATEGIES = {
 }
 
 
+NFT = ["--model.objective", "precise_lightning.modules.nft.DiffusionNFT", "--model.sampler.init_args.rule", "ode"]
+
+
 def _fit(tmp_path: Path, name: str, strategy: str, *extra: str, ckpt: Path | None = None) -> dict:
     """The shrunk demo under ``strategy``; returns the weights, EMA, final metrics and the logged train rewards."""
     procs = 2 if strategy != "single" else 1
@@ -59,6 +62,9 @@ def _assert_same(a: dict, b: dict, atol: float) -> None:
         torch.testing.assert_close(b["params"][name], value, rtol=0, atol=atol, msg=name)
         torch.testing.assert_close(b["ema"]["shadow"][name], a["ema"]["shadow"][name], rtol=0, atol=atol, msg=name)
     assert a["ema"]["num_updates"] == b["ema"]["num_updates"]
+    assert a["old"].keys() == b["old"].keys()  # DiffusionNFT's old (sampling) policy, when it runs
+    for name, value in a["old"].items():
+        torch.testing.assert_close(b["old"][name], value, rtol=0, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -72,8 +78,9 @@ def _assert_same(a: dict, b: dict, atol: float) -> None:
         ["--model.policy.init_args.lora_rank", "4", "--model.policy.init_args.lora_targets", "[inp, mid1, mid2, out]",
          "--model.beta", "0.05", "--model.ratio_norm", "true",  # LoRA on a frozen sharded base, KL, GRPO-Guard,
          "--model.sampler.init_args.rule", "precise_2m"],  # and the multistep rule's stored previous x0_hat
+        NFT,  # DiffusionNFT's update on ODE rollouts, its old policy and its reference KL
     ],
-    ids=["full-global-std", "lora-kl-2m"],
+    ids=["full-global-std", "lora-kl-2m", "nft"],
 )
 def test_one_process_ddp_and_fsdp_give_the_same_update(tmp_path, setting):
     """Same global batch, same per-sample noise: the update does not depend on how the batch is split (float32;
@@ -87,17 +94,19 @@ def test_one_process_ddp_and_fsdp_give_the_same_update(tmp_path, setting):
         for key, value in runs["single"]["metrics"].items():  # whole-batch, whole-model values, not a rank's or shard's
             if key.startswith("train/"):
                 assert runs[strategy]["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
-    assert runs["single"]["metrics"]["train/ratio_drift_first"] == 0.0
+    if setting is not NFT:  # PPO's ratio (NFT has none)
+        assert runs["single"]["metrics"]["train/ratio_drift_first"] == 0.0
     if "--model.drop_zero_advantage" in setting:
         assert runs["single"]["metrics"]["train/dropped_micro_batches"] == 1.0  # of 2 per optimizer step
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])  # 1 process: test_preemption.py (within an epoch)
-def test_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,objective", [("ddp", []), ("fsdp", []), ("fsdp", NFT)],
+                         ids=["ddp", "fsdp", "fsdp-nft"])  # 1 process: test_preemption.py (within an epoch)
+def test_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, strategy, objective):
     """6 iterations (an epoch is 5: the prompt order crosses an epoch after the restart) against 2 + 4 resumed
     from the checkpoint written at iteration 2: bit-identical weights, EMA and logged rewards (FSDP2: from a
     sharded checkpoint)."""
-    steps = ["--data.batch_size", str(2 * GLOBAL_BATCH // (2 if strategy != "single" else 1))]
+    steps = ["--data.batch_size", str(2 * GLOBAL_BATCH // (2 if strategy != "single" else 1)), *objective]
     full = _fit(tmp_path, "full", strategy, "--trainer.max_steps", "12", *steps)
     first = _fit(tmp_path, "first", strategy, "--trainer.max_steps", "4", *steps)
     resumed = _fit(tmp_path, "resumed", strategy, "--trainer.max_steps", "12", *steps, ckpt=first["checkpoint"])

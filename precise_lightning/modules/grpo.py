@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -26,6 +26,7 @@ from precise_lightning.modules.checks import check_precision, check_settings, mi
 from precise_lightning.modules.evaluation import Evaluation
 from precise_lightning.modules.guard import NonFiniteGuard, destroy_process_group_at_exit, non_finite_parts, oom_advice
 from precise_lightning.modules.logs import log_iteration
+from precise_lightning.modules.nft import DiffusionNFT
 from precise_lightning.modules.losses import flat_groups, group_advantages
 from precise_lightning.policies.base import Policy, slice_cond
 from precise_lightning.modules.run_state import (
@@ -92,6 +93,9 @@ class GRPOModule(Evaluation, PPOUpdate):
             (``bfloat16``: the published recipes); gradients are always reduced in float32.
         eval_at_start: evaluate the starting weights when ``fit`` starts (not on resume), so every eval curve
             has its iteration-0 point.
+        objective: another objective in place of the PPO update (:class:`~precise_lightning.modules.nft.DiffusionNFT`),
+            on the same rollouts, rewards, advantages and evaluation; the PPO settings (clip_range, ratio_norm,
+            log_prob_form, kl_form, train_fraction) do not apply to it, and any sampler collects its rollouts.
 
     Rollout noise is drawn per sample from a seed derived from the run's seed, the rollout number and the sample
     id, so it is the same however the batch is split over processes and micro-batches, and after a restart.
@@ -125,11 +129,15 @@ class GRPOModule(Evaluation, PPOUpdate):
         max_bad_iterations: int = 3,
         shard_param_dtype: Dtype = "bfloat16",
         eval_at_start: bool = True,
+        objective: DiffusionNFT | None = None,
     ) -> None:
         super().__init__()
         self.sampler = sampler if sampler is not None else Sampler()
-        if not self.sampler.sde_steps:
+        if objective is None and not self.sampler.sde_steps:
             raise ValueError(f"the training sampler must be stochastic, got {self.sampler}: use e.g. rule 'precise'")
+        if objective is not None and beta > 0:
+            raise ValueError(f"model.beta ({beta}) weighs GRPO's KL; with model.objective DiffusionNFT set its own "
+                             "model.objective.init_args.kl_weight and leave model.beta 0")
         self.eval_sampler = self._eval_reading(eval_sampler) or Sampler("ode", num_steps=self.sampler.num_steps,
                                                                          grid=self.sampler.grid)
         self.extra_eval_samplers = {n: self._eval_reading(s) for n, s in (extra_eval_samplers or {}).items()}
@@ -139,14 +147,16 @@ class GRPOModule(Evaluation, PPOUpdate):
                                  "use e.g. 'sde' or 'ode'")
         for s in (self.sampler, self.eval_sampler, *self.extra_eval_samplers.values()):
             s.for_policy(policy)  # a sampler without a grid samples on the policy's own
-        self.sampler.check_trainable()
-        self.sampler.warn_if_swamped()
+        if objective is None:  # log-probs are PPO's: NFT trains on the final latents of any sampler's rollouts
+            self.sampler.check_trainable()
+            self.sampler.warn_if_swamped()
         check_settings(clip_range=clip_range, adv_clip_max=adv_clip_max, beta=beta, kl_form=kl_form, kl_eta=kl_eta,
                        log_prob_form=log_prob_form, ratio_norm=ratio_norm,
                        std_scope=std_scope, std_eps=std_eps, train_fraction=train_fraction, inner_epochs=inner_epochs,
                        micro_batch_size=micro_batch_size, updates_per_rollout=updates_per_rollout,
                        max_grad_norm=max_grad_norm, max_bad_iterations=max_bad_iterations)
-        self.save_hyperparameters(ignore=["policy", "sampler", "eval_sampler", "extra_eval_samplers", "optimizer"])
+        self.save_hyperparameters(ignore=["policy", "sampler", "eval_sampler", "extra_eval_samplers", "optimizer",
+                                          "objective"])
         self.policy = policy
         self.optimizer = optimizer
         self.ppo = PPOSettings(clip_range=clip_range, beta=beta, kl_form=kl_form, kl_eta=kl_eta,
@@ -154,7 +164,8 @@ class GRPOModule(Evaluation, PPOUpdate):
                                inner_epochs=inner_epochs, updates_per_rollout=updates_per_rollout,
                                max_grad_norm=max_grad_norm, drop_zero_advantage=drop_zero_advantage)
         self.automatic_optimization = False
-        if beta > 0:
+        self.objective = objective
+        if beta > 0 or (objective is not None and objective.kl_weight > 0):
             self.policy.enable_reference()
         self.scorer: RewardScorer | None = None
         self.eval_means = nn.ModuleDict()  # logged tag -> MeanMetric of every evaluation reading, made in setup
@@ -216,6 +227,8 @@ class GRPOModule(Evaluation, PPOUpdate):
             "guard": self.guard.state_dict(),
             "rng": all_ranks(rng_states()),  # every rank's, each restores its own
         }
+        if self.objective is not None:
+            checkpoint["grpo"]["objective"] = self.objective.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("grpo", {})
@@ -233,6 +246,8 @@ class GRPOModule(Evaluation, PPOUpdate):
             self.seed, self.rollouts = state["seed"], state["rollouts"]
             self.guard.load_state_dict(state["guard"])
             restore_rng_states(state["rng"], self.global_rank)
+            if self.objective is not None and "objective" in state:
+                self.objective.load_state_dict(state["objective"], self)
 
     def configure_callbacks(self) -> list[Callback]:
         """Preemption handling on every run; Lightning's default bar, which counts an epoch's batches, replaced (not
@@ -299,7 +314,8 @@ class GRPOModule(Evaluation, PPOUpdate):
                 generator = self._generators(batch["sample_ids"], 0)
                 first = self._generators(group_ids, 2) if self.hparams.same_noise_per_group else generator
                 noise = first.randn((len(prompts), *self.policy.latent_shape), torch.float32, self.device)
-                trajectories, images = self.rollout(cond, noise, slices, generator, on_images=scoring.submit)
+                with self.objective.old_weights(self) if self.objective is not None else nullcontext():
+                    trajectories, images = self.rollout(cond, noise, slices, generator, on_images=scoring.submit)
             with self._phase("reward"):  # what is left of scoring once sampling is done
                 rewards, components = scoring.result()
                 scored = ~self.scorer.abstained(components)  # False where a reward gave no score
@@ -308,7 +324,12 @@ class GRPOModule(Evaluation, PPOUpdate):
             stats: dict[str, list[Tensor]] = defaultdict(list)
             if self._finite_rollout(trajectories, rewards[scored]):
                 with self._phase("update"):
-                    stats = self.update(trajectories, cond, slices, advantages)
+                    if self.objective is None:
+                        stats = self.update(trajectories, cond, slices, advantages)
+                    else:
+                        stats = self.objective.update(self, trajectories, cond, slices, advantages,
+                                                      batch["sample_ids"])
+                        self.log("nft/old_decay", self.objective.follow(self, self.trainer.global_step), on_step=True)
         except torch.OutOfMemoryError as err:
             sharded = isinstance(self.trainer.strategy, ModelParallelStrategy)
             micro = self.hparams.micro_batch_size or len(prompts)
