@@ -57,3 +57,22 @@ def test_grpo_s_kl_weight_is_refused_with_nft():
     with pytest.raises(ValueError, match="model.beta .* weighs GRPO's KL"):
         cli.main(nft_args("/tmp/unused", "--model.beta", "0.1", "--model.policy.init_args.pretrain_steps", "0"),
                  run=False)
+
+
+@pytest.mark.slow
+def test_sd35_nft_recipe_trains_on_the_tiny_model(tmp_path, model_root):
+    """DiffusionNFT's SD3.5 recipe through the real recipe and the CPU overlay: LoRA adapters move, the old policy
+    follows them, NFT's terms are logged."""
+    run = cli.main(["--config", "configs/sd35_precise.yaml", "--config", "configs/sd35_nft.yaml", "--config",
+                    "configs/tiny_cpu.yaml", "--model_root", str(model_root), "--trainer.max_steps", "2",
+                    "--model.optimizer.init_args.lr", "0.01", "--trainer.logger.init_args.save_dir", str(tmp_path),
+                    "--trainer.enable_progress_bar", "false"], run=False)
+    assert isinstance(run.model.objective, DiffusionNFT) and run.model.policy.guidance_scale == 1.0
+    before = {n: p.detach().clone() for n, p in run.model.policy.named_trainable_parameters()}
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert run.trainer.global_step == 2  # one optimizer step per iteration
+    params = dict(run.model.policy.named_trainable_parameters())
+    assert any(not torch.equal(before[n], p) for n, p in params.items() if "lora_B" in n)
+    logged = scalars(run_dir(tmp_path))
+    for tag in ["train/reward_pickscore", "train/policy_loss", "train/kl", "nft/old_decay", "eval/reward"]:
+        assert tag in logged and all(math.isfinite(v) for v in logged[tag]), tag

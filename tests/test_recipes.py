@@ -15,6 +15,7 @@ FLOW_GRPO = "yifan123/flow_grpo"
 PRECISE = "Tencent-Hunyuan/Precise"
 FLOW_CPS = "IamCreateAI/FlowCPS"
 DANCE = "XueZeyue/DanceGRPO"
+NFT = "NVlabs/DiffusionNFT@24af555"
 SD35_LORA = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
              "attn.add_v_proj", "attn.to_add_out"]
 KLEIN_LORA = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.to_qkv_mlp_proj", "attn.add_k_proj",
@@ -345,3 +346,51 @@ def test_sd35_ocr_overlay_is_flow_grpo_s_text_rendering_run(capsys):
     assert parsed["data"]["eval_file"] == "data/ocr/test.txt"  # {FLOW_GRPO} config/grpo.py:32 (dataset/ocr)
     wrong = [key for key, value, _ in SD35 if key != "model.beta" and not key.startswith("reward.") and _get(parsed, key) != value]
     assert not wrong, wrong
+
+
+NFT_CONFIG, NFT_BASE = f"{NFT} config/nft.py", f"{NFT} config/base.py"
+NFT_TRAIN = f"{NFT} scripts/train_nft_sd3.py"
+SD35_NFT = [  # on top of configs/sd35_precise.yaml
+    ("model.objective.class_path", "precise_lightning.modules.nft.DiffusionNFT", f"{NFT_TRAIN}:909-970"),
+    ("model.objective.init_args.beta", 1.0, f"{NFT_CONFIG}:61"),
+    ("model.objective.init_args.kl_weight", 0.0001, f"{NFT_CONFIG}:24"),
+    ("model.objective.init_args.decay_flat", 0, f"{NFT_CONFIG}:60, {NFT_TRAIN}:174-177 (decay_type 1)"),
+    ("model.objective.init_args.decay_rate", 0.001, f"{NFT_TRAIN}:176"),
+    ("model.objective.init_args.decay_ceiling", 0.5, f"{NFT_TRAIN}:177"),
+    ("model.objective.init_args.timestep_fraction", 0.99, f"{NFT_BASE}:87"),
+    ("model.policy.init_args.model", "stabilityai/stable-diffusion-3.5-medium", f"{NFT_CONFIG}:19"),
+    ("model.policy.init_args.resolution", 512, f"{NFT_CONFIG}:23"),
+    ("model.policy.init_args.guidance_scale", 1.0, f"{NFT_CONFIG}:64"),
+    ("model.policy.init_args.lora_rank", 32, f"{NFT_TRAIN}:431"),
+    ("model.policy.init_args.lora_alpha", 64.0, f"{NFT_TRAIN}:431"),
+    ("model.policy.init_args.lora_init", "gaussian", f"{NFT_TRAIN}:431"),
+    ("model.policy.init_args.lora_targets", SD35_LORA, f"{NFT_TRAIN}:421-430"),
+    ("model.sampler.init_args.rule", "ode", f"{NFT_CONFIG}:65 (deterministic; its solver dpm2, line 66: README)"),
+    ("model.sampler.init_args.num_steps", 10, f"{NFT_CONFIG}:20"),
+    ("model.eval_sampler.init_args.rule", "ode", f"{NFT_TRAIN}:267-281 (deterministic flow solver)"),
+    ("model.eval_sampler.init_args.num_steps", 40, f"{NFT_CONFIG}:21"),
+    ("model.optimizer.init_args.lr", 3e-4, f"{NFT_BASE}:66"),
+    ("model.optimizer.init_args.betas", [0.9, 0.999], f"{NFT_BASE}:68-70"),
+    ("model.optimizer.init_args.weight_decay", 1e-4, f"{NFT_BASE}:72"),
+    ("model.optimizer.init_args.eps", 1e-8, f"{NFT_BASE}:74"),
+    ("model.adv_clip_max", 5.0, f"{NFT_BASE}:84"),
+    ("model.std_scope", "global", f"{NFT_BASE}:57"),
+    ("model.drop_zero_advantage", False, f"{NFT_TRAIN}:793 (filtered_samples = collated_samples)"),
+    ("model.micro_batch_size", 9, f"{NFT_CONFIG}:26,42"),
+    ("model.updates_per_rollout", 1, f"{NFT_CONFIG}:104 (gradient_step_per_epoch=1)"),
+    ("model.max_grad_norm", 1.0, f"{NFT_BASE}:79"),
+    ("model.beta", 0.0, "GRPO's KL weight, off: NFT's is kl_weight"),
+    ("ema.decay", 0.9, f"{NFT_TRAIN}:567"),
+    ("ema.every_n_steps", 1, f"{NFT_TRAIN}:567"),
+    ("data.group_size", 24, f"{NFT_CONFIG}:28"),
+    ("trainer.precision", "16-mixed", f"{NFT_BASE}:23"),
+    ("trainer.val_check_interval", 10, f"{NFT_BASE}:21"),
+]
+
+
+def test_sd35_nft_overlay_is_diffusionnft_s_pickscore_run(capsys):
+    parsed = _parsed("configs/sd35_precise.yaml --config configs/sd35_nft.yaml", capsys)
+    wrong = [f"{key}: {_get(parsed, key)!r}, published {value!r} ({source})" for key, value, source in SD35_NFT
+             if _get(parsed, key) != value]
+    assert not wrong, "\n".join(wrong)
+    assert parsed["trainer"]["devices"] * parsed["data"]["batch_size"] == 48 * 24  # config/nft.py:29, 8 GPUs
