@@ -7,6 +7,10 @@ noise included). Each run is ``cli.py fit`` on the demo config; runs go in paral
     python benchmarks/rl_speed.py          # 4 samplers + precise at eta 1.0 / 2.0, with a sliding window, and
                                            # Precise-2M, x 5 seeds x 150 rollouts (about 13 min on 2 cores)
     python benchmarks/rl_speed.py --full   # the same runs to 300 rollouts
+    python benchmarks/rl_speed.py --only precise flow_sde cps nft_ode nft_precise   # GRPO against DiffusionNFT
+
+``nft_ode`` and ``nft_precise`` train with DiffusionNFT's objective (``model.objective``) on ODE and Precise rollouts;
+the others with GRPO's PPO update on their samplers.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ VARIANTS = {
                        "--model.sampler.init_args.window_shift_every", "25"],
     "precise_2m": ["--model.sampler.init_args.rule", "precise_2m", "--model.sampler.init_args.eta", "1.5"],
 }
-CONFIGS = {**PRECISE, **RIVALS, **VARIANTS}
+NFT = ["--model.objective", "precise_lightning.modules.nft.DiffusionNFT"]  # DiffusionNFT's update, not PPO's
+OBJECTIVES = {"nft_ode": [*NFT, "--model.sampler.init_args.rule", "ode"],
+              "nft_precise": [*NFT, "--model.sampler.init_args.rule", "precise", "--model.sampler.init_args.eta", "1.5"]}
+CONFIGS = {**PRECISE, **RIVALS, **VARIANTS, **OBJECTIVES}
 
 
 def run(name: str, seed: int, args: argparse.Namespace) -> Path:
@@ -162,15 +169,19 @@ def main() -> None:
     parser.add_argument("--smooth", type=int, default=10, help="rollouts averaged for the rollout-reward curve")
     parser.add_argument("--full", action="store_true", help="300 rollouts per run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "rl_speed")
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), help="these configs (at least one GRPO rival)")
     args = parser.parse_args()
+    names = args.only or list(CONFIGS)
+    if not any(n in RIVALS for n in names):
+        parser.error(f"--only needs one of the rivals {list(RIVALS)}: the threshold is 90% of the strongest's")
     if args.full:
         args.rollouts = max(args.rollouts, 300)
         args.out = args.out.with_name(args.out.name + "_full")
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(name, seed) for seed in range(args.seeds) for name in CONFIGS]
+    jobs = [(name, seed) for seed in range(args.seeds) for name in names]
     with ThreadPoolExecutor(args.jobs) as pool:
         dirs = list(pool.map(lambda job: run(*job, args), jobs))
-    results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    results: dict[str, list[dict]] = {name: [] for name in names}
     for (name, _), log_dir in zip(jobs, dirs):
         results[name].append(curves(log_dir))
     tables = {kind: summarize(results, kind, args.smooth) for kind in ("eval", "train")}
