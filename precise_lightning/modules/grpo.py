@@ -26,9 +26,8 @@ from precise_lightning.modules.checks import check_precision, check_settings, mi
 from precise_lightning.modules.evaluation import Evaluation
 from precise_lightning.modules.guard import NonFiniteGuard, destroy_process_group_at_exit, non_finite_parts, oom_advice
 from precise_lightning.modules.logs import log_iteration
-from precise_lightning.modules.nft import DiffusionNFT
 from precise_lightning.modules.losses import flat_groups, group_advantages
-from precise_lightning.policies.base import Policy, slice_cond
+from precise_lightning.modules.nft import DiffusionNFT
 from precise_lightning.modules.run_state import (
     all_ranks,
     derived_seed,
@@ -36,14 +35,16 @@ from precise_lightning.modules.run_state import (
     rng_states,
     signature_differences,
 )
-from precise_lightning.sharding import data_parallel_mesh, shard_policy
 from precise_lightning.modules.update import PPOSettings, PPOUpdate
+from precise_lightning.policies.base import Policy, slice_cond
 from precise_lightning.sampling import PerSample, Sampler, Trajectory
+from precise_lightning.sharding import data_parallel_mesh, shard_policy
 
 
 
 class GRPOModule(Evaluation, PPOUpdate):
-    """One training step = rollout (no grad) -> rewards -> group advantages -> PPO-clipped updates.
+    """One training step = rollout (no grad) -> rewards -> group advantages -> PPO-clipped updates (or DiffusionNFT's
+    update, ``objective``).
 
     Args:
         policy: the model (``class_path`` of a :class:`Policy`).

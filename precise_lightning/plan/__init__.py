@@ -20,10 +20,10 @@ from torch import nn
 from precise_lightning.cli import GRPOCLI, main
 from precise_lightning.cli_checks import is_sharded
 from precise_lightning.hub import resolve
-from precise_lightning.policies.pipeline import PipelinePolicy
-from precise_lightning.policies.base import Policy
 from precise_lightning.plan.memory import GB, measure_denoiser, measure_encode, parameter_bytes, trajectory_bytes
 from precise_lightning.plan.rewards import reward_parameters
+from precise_lightning.policies.base import Policy
+from precise_lightning.policies.pipeline import PipelinePolicy
 from precise_lightning.sampling import Sampler
 from precise_lightning.sampling.rules import MULTISTEP
 

@@ -13,10 +13,10 @@ from jsonargparse.typing import import_object
 from torch import nn
 from transformers import CLIPModel
 
+from precise_lightning.architectures.rewards import CLIPSCORE, PICKSCORE, clip_config, hpsv2_config, imagereward_shapes
 from precise_lightning.hub import WeightsNotFoundError, frozen_dtype
 from precise_lightning.rewards import AestheticScore, CLIPScore, HPSv2, ImageReward, PickScore
 from precise_lightning.rewards.aesthetic import aesthetic_mlp
-from precise_lightning.architectures.rewards import CLIPSCORE, PICKSCORE, clip_config, hpsv2_config, imagereward_shapes
 
 
 def _count(module: nn.Module) -> int:

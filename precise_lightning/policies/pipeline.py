@@ -13,8 +13,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from precise_lightning.hub import Dtype, frozen_dtype, load_pretrained
 from precise_lightning.architectures.parts import Size
+from precise_lightning.hub import Dtype, frozen_dtype, load_pretrained
 from precise_lightning.policies.base import Policy
 
 
