@@ -36,9 +36,9 @@ def test_demo_trains_through_nft_and_logs_its_terms(tmp_path):
     assert set(old) == set(params) and any(not torch.equal(old[n], p) for n, p in params.items())
 
 
-def test_old_policy_samples_and_follows_the_trained_one():
+def test_old_policy_samples_and_follows_the_trained_one(tmp_path):
     """Rollouts run with the old weights, the trained ones come back after; follow() blends d old + (1 - d) new."""
-    run = cli.main(nft_args("/tmp/unused", "--model.policy.init_args.pretrain_steps", "0"), run=False)
+    run = cli.main(nft_args(tmp_path, "--model.policy.init_args.pretrain_steps", "0"), run=False)
     module, nft = run.model, run.model.objective
     params = dict(module.policy.named_trainable_parameters())
     trained = {n: p.detach().clone() for n, p in params.items()}
@@ -53,9 +53,9 @@ def test_old_policy_samples_and_follows_the_trained_one():
         torch.testing.assert_close(nft.old[n], 0.1 * (trained[n] + 1.0) + 0.9 * trained[n])
 
 
-def test_grpo_s_kl_weight_is_refused_with_nft():
+def test_grpo_s_kl_weight_is_refused_with_nft(tmp_path):
     with pytest.raises(ValueError, match="model.beta .* weighs GRPO's KL"):
-        cli.main(nft_args("/tmp/unused", "--model.beta", "0.1", "--model.policy.init_args.pretrain_steps", "0"),
+        cli.main(nft_args(tmp_path, "--model.beta", "0.1", "--model.policy.init_args.pretrain_steps", "0"),
                  run=False)
 
 
