@@ -87,14 +87,18 @@ trainer:
 """
 
 
-def test_16_mixed_scales_the_loss_and_clips_unscaled_gradients(tmp_path):
-    """16-mixed (Flow-GRPO's mixed_precision, config/base.py:21), on CPU through an explicit plugin (Lightning turns
-    a plain 16-mixed into bf16 there): the loss is scaled by 65536, and the gradient norm that is logged and clipped
-    is the unscaled one, as in a float32 run of the same rollout."""
+NFT = ["--model.objective", "precise_lightning.modules.nft.DiffusionNFT", "--model.sampler.init_args.rule", "ode"]
+
+
+@pytest.mark.parametrize("objective", [[], NFT], ids=["ppo", "nft"])
+def test_16_mixed_scales_the_loss_and_clips_unscaled_gradients(tmp_path, objective):
+    """16-mixed (Flow-GRPO's and DiffusionNFT's mixed_precision, config/base.py:21 / :23), on CPU through an explicit
+    plugin (Lightning turns a plain 16-mixed into bf16 there): the loss is scaled by 65536, and the gradient norm
+    that is logged and clipped is the unscaled one, as in a float32 run of the same rollout."""
     (tmp_path / "fp16.yaml").write_text(FP16_MIXED)
     norms = {}
     for name, extra in {"fp16": ["--config", str(tmp_path / "fp16.yaml")], "fp32": []}.items():
-        run = cli.main(demo_args(tmp_path / name, *extra, "--trainer.max_steps", "2"), run=False)
+        run = cli.main(demo_args(tmp_path / name, *extra, *objective, "--trainer.max_steps", "2"), run=False)
         before = {n: p.detach().clone() for n, p in run.model.policy.named_trainable_parameters()}
         run.trainer.fit(run.model, datamodule=run.datamodule)
         norms[name] = float(run.trainer.callback_metrics["train/grad_norm"])
