@@ -100,18 +100,19 @@ def test_one_process_ddp_and_fsdp_give_the_same_update(tmp_path, setting):
         assert runs["single"]["metrics"]["train/dropped_micro_batches"] == 1.0  # of 2 per optimizer step
 
 
-@pytest.mark.parametrize("strategy,objective", [("ddp", []), ("fsdp", []), ("fsdp", NFT)],
+@pytest.mark.parametrize("strategy,objective,iterations", [("ddp", [], 6), ("fsdp", [], 6), ("fsdp", NFT, 3)],
                          ids=["ddp", "fsdp", "fsdp-nft"])  # 1 process: test_preemption.py (within an epoch)
-def test_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, strategy, objective):
+def test_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, strategy, objective, iterations):
     """6 iterations (an epoch is 5: the prompt order crosses an epoch after the restart) against 2 + 4 resumed
     from the checkpoint written at iteration 2: bit-identical weights, EMA and logged rewards (FSDP2: from a
-    sharded checkpoint)."""
+    sharded checkpoint). DiffusionNFT's old policy travels in the checkpoint too (3 iterations: 2 + 1)."""
     steps = ["--data.batch_size", str(2 * GLOBAL_BATCH // (2 if strategy != "single" else 1)), *objective]
-    full = _fit(tmp_path, "full", strategy, "--trainer.max_steps", "12", *steps)
+    total = str(2 * iterations)
+    full = _fit(tmp_path, "full", strategy, "--trainer.max_steps", total, *steps)
     first = _fit(tmp_path, "first", strategy, "--trainer.max_steps", "4", *steps)
-    resumed = _fit(tmp_path, "resumed", strategy, "--trainer.max_steps", "12", *steps, ckpt=first["checkpoint"])
+    resumed = _fit(tmp_path, "resumed", strategy, "--trainer.max_steps", total, *steps, ckpt=first["checkpoint"])
     assert first["checkpoint"].is_dir() == (strategy == "fsdp")  # FSDP2: a sharded (distributed) checkpoint
-    assert (resumed["step"], resumed["rollouts"]) == (full["step"], full["rollouts"]) == (12, 6)
+    assert (resumed["step"], resumed["rollouts"]) == (full["step"], full["rollouts"]) == (2 * iterations, iterations)
     _assert_same(full, resumed, atol=0)
     assert first["rewards"] + resumed["rewards"] == full["rewards"]
     assert full["metrics"]["eval/reward"] == resumed["metrics"]["eval/reward"]
