@@ -16,7 +16,6 @@ from torch.distributed.fsdp import FSDPModule
 
 from precise_lightning.modules.checks import update_groups
 from precise_lightning.modules.nft_losses import nft_loss, old_policy_decay
-from precise_lightning.modules.run_state import derived_seed
 from precise_lightning.policies.base import slice_cond
 from precise_lightning.sampling import Trajectory
 
@@ -107,9 +106,11 @@ class DiffusionNFT:
         their trained times), as :meth:`GRPOModule.update` does PPO's."""
         policy, times = module.policy, module.sampler.timesteps
         count = max(1, int(module.sampler.num_steps * self.timestep_fraction))
-        order = torch.stack([  # per sample, a random order of the sampler's times (t = 1 included, 0 not)
-            torch.randperm(module.sampler.num_steps, generator=torch.Generator().manual_seed(
-                derived_seed(module.seed, module.rollouts, 3, int(i))))[:count] for i in sample_ids])
+        # Per sample, generators keyed by its id (the module's own: the same on any split over ranks and restarts):
+        # a random order of the sampler's times (t = 1 included, 0 not), and fresh noise at each trained time.
+        order = torch.stack([torch.randperm(module.sampler.num_steps, generator=g, device=g.device)[:count].cpu()
+                             for g in module._generators(sample_ids, 3).generators])
+        noise_of = module._generators(sample_ids, 4)
         stats: dict[str, list[Tensor]] = {k: [] for k in (*STATS, "grad_norm")}
         opt = module.optimizers()
         groups = [g for _ in range(module.ppo.inner_epochs) for g in update_groups(len(slices),
@@ -119,13 +120,12 @@ class DiffusionNFT:
             for m in group:
                 s, traj = slices[m], trajectories[m]
                 x0, cond_m, adv = traj.latents[-1].float(), slice_cond(cond, slices[m]), advantages[s]
-                for j in range(count):
-                    t = times[order[s, j]].to(x0)  # [b]
-                    noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
-                        derived_seed(module.seed, module.rollouts, 4, int(i), j))) for i in sample_ids[s]]).to(x0)
-                    x_t = (1 - t.view(-1, *[1] * (x0.ndim - 1))) * x0 + t.view(-1, *[1] * (x0.ndim - 1)) * noise
-                    with torch.no_grad(), self.old_weights(module):
-                        v_old = policy.velocity(x_t, t, cond_m)
+                ts = [times[order[s, j]].to(x0) for j in range(count)]  # each [b]
+                x_ts = [(1 - t.view(-1, *[1] * (x0.ndim - 1))) * x0 + t.view(-1, *[1] * (x0.ndim - 1))
+                        * noise_of[s].randn(x0.shape, x0.dtype, x0.device) for t in ts]
+                with torch.no_grad(), self.old_weights(module):  # one swap of weights per micro-batch
+                    v_olds = [policy.velocity(x_t, t, cond_m) for x_t, t in zip(x_ts, ts)]
+                for j, (x_t, t, v_old) in enumerate(zip(x_ts, ts, v_olds)):
                     v_ref = None
                     if self.kl_weight > 0:
                         with torch.no_grad(), policy.reference():
