@@ -31,8 +31,9 @@ import torch
 
 from precise_lightning.hub import set_model_root
 from precise_lightning.policies import DigitsPolicy
-from precise_lightning.rewards import AestheticScore, CLIPScore, HPSv2, ImageReward, OCRReward, PickScore
+from precise_lightning.rewards import AestheticScore, CLIPScore, HPSv2, HPSv3, ImageReward, OCRReward, PickScore
 from precise_lightning.sampling import Sampler
+from precise_lightning.architectures.hpsv3 import write_hpsv3
 from precise_lightning.architectures.rewards import (
     AESTHETIC_DIR, write_aesthetic, write_clip_rewards, write_hpsv2, write_imagereward,
 )
@@ -44,9 +45,11 @@ SCORERS = {
     "CLIPScore (ViT-L/14)": lambda root, dtype: CLIPScore(dtype=dtype),
     "Aesthetic (ViT-L/14 + MLP)": lambda root, dtype: AestheticScore(str(root / AESTHETIC_DIR), dtype=dtype),
     "ImageReward (BLIP ViT-L/16)": lambda root, dtype: ImageReward(dtype=dtype),
+    "HPSv3 (Qwen2-VL-7B)": lambda root, dtype: HPSv3(dtype=dtype),
     "OCR (PP-OCRv4, onnxruntime)": lambda root, dtype: OCRReward(),
 }
 FLOAT32_ONLY = {"OCR (PP-OCRv4, onnxruntime)"}  # its engine runs its own float32 models on the CPU
+GPU_ONLY_AT_REAL_SIZE = {"HPSv3 (Qwen2-VL-7B)"}
 GROUP = 8
 
 
@@ -199,6 +202,9 @@ def main() -> None:
     names = [n for n in SCORERS if not args.only or n.startswith(tuple(args.only))]
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cpu" and args.size == "real" and GPU_ONLY_AT_REAL_SIZE & set(names):
+        print(f"skipped on a CPU at real size: {sorted(GPU_ONLY_AT_REAL_SIZE & set(names))} (use --size tiny)")
+        names = [n for n in names if n not in GPU_ONLY_AT_REAL_SIZE]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; {args.size} architectures; batch {args.batch} of 512 x 512 images; "
           f"median of {args.repeats} after a warm-up")
@@ -210,6 +216,8 @@ def main() -> None:
             write_hpsv2(Path(root), args.size)
             write_aesthetic(Path(root), args.size)
         write_imagereward(Path(root), args.size)
+        if any(n.startswith("HPSv3") for n in names):
+            write_hpsv3(Path(root), args.size)  # 17 GB at real size: only when asked for
         if args.dtype_error:
             dtype_error(Path(root), device, args.batch, [n for n in names if n not in FLOAT32_ONLY])
             return

@@ -94,10 +94,10 @@ def write_aesthetic(root: Path, size: Size = "tiny") -> Path:
 IMAGEREWARD, BERT = "THUDM/ImageReward", "google-bert/bert-base-uncased"
 
 
-def _published_random(shape: tuple[int, ...], key: str, generator: torch.Generator) -> Tensor:
+def published_random(shape: tuple[int, ...], key: str, generator: torch.Generator) -> Tensor:
     """A random tensor a trained one could be: unit-scale activations through linear layers, norms near 1."""
     if len(shape) > 1:
-        fan_in = math.prod(shape[1:]) if len(shape) == 4 else shape[-1]
+        fan_in = math.prod(shape[1:]) if len(shape) >= 4 else shape[-1]  # convolutions: all but the output
         return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
     if key.endswith("weight"):  # LayerNorm scale
         return 1 + 0.1 * torch.randn(shape, generator=generator)
@@ -148,7 +148,7 @@ def write_imagereward(root: Path, size: Size = "tiny", text_layers: int | None =
     arguments, whatever the global RNG) and BLIP's tokenizer under ``root/google-bert/bert-base-uncased``."""
     shapes, med = imagereward_shapes(size, text_layers)
     generator = torch.Generator().manual_seed(seed)
-    state = {key: _published_random(shape, key, generator) for key, shape in shapes.items()}
+    state = {key: published_random(shape, key, generator) for key, shape in shapes.items()}
     state["blip.text_encoder.embeddings.position_ids"] = torch.arange(med["max_position_embeddings"])[None]  # a buffer
     directory = root / IMAGEREWARD
     directory.mkdir(parents=True, exist_ok=True)

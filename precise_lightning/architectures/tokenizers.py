@@ -44,16 +44,47 @@ QWEN3_CHAT_TEMPLATE = (
 )
 
 
-def qwen3_tokenizer() -> Qwen2Tokenizer:
-    """Qwen's byte-level BPE class with its chat special tokens over the 256 byte symbols and no merges (every
-    byte is a token); the real vocabulary has 151,669 entries."""
+def _byte_level_bpe(specials: list[str], chat_template: str, model_max_length: int) -> Qwen2Tokenizer:
+    """Qwen's byte-level BPE class over the 256 byte symbols and no merges (every byte is a token), then
+    ``specials`` (the first, ``<|endoftext|>``, pads)."""
     symbols = list(bytes_to_unicode().values())
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     vocab = {s: i for i, s in enumerate(symbols + specials)}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=512)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
     tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
-    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def qwen3_tokenizer() -> Qwen2Tokenizer:
+    """Qwen3's chat special tokens on a byte-level vocabulary; the real vocabulary has 151,669 entries."""
+    return _byte_level_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"], QWEN3_CHAT_TEMPLATE, 512)
+
+
+# Qwen2-VL-Instruct's chat template (Qwen/Qwen2-VL-7B-Instruct chat_template.json), for the tiny model: the real
+# one is read from the hub with the rest of the processor.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # the real ids' order
+
+
+def qwen2_vl_tokenizer() -> Qwen2Tokenizer:
+    """Qwen2-VL's special tokens (in the real ids' order, 151643-151656) and chat template on a byte-level
+    vocabulary; the real vocabulary has 151,657 entries."""
+    return _byte_level_bpe(QWEN2_VL_SPECIALS, QWEN2_VL_CHAT_TEMPLATE, 32768)
 
 
 BERT_VOCAB_SIZE = 30522

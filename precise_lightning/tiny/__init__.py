@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from precise_lightning.architectures.hpsv3 import write_hpsv3
 from precise_lightning.architectures.parts import Size
 from precise_lightning.architectures.rewards import write_aesthetic, write_clip_rewards, write_hpsv2, write_imagereward
 from precise_lightning.policies import pipeline_policies
@@ -34,4 +35,5 @@ def write_tiny(root: str | Path, seed: int = 0) -> Path:
         write_models(root)
         write_aesthetic(root, "tiny")  # last: the others' random weights stay as they were
         write_imagereward(root, "tiny")  # its own generator
+        write_hpsv3(root, "tiny")  # its own generator
     return root
