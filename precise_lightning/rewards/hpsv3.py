@@ -1,7 +1,7 @@
 """HPSv3 (Ma et al. 2025, "HPSv3: Towards Wide-Spectrum Human Preference Score", github.com/MizzenAI/HPSv3):
 Qwen2-VL-7B-Instruct reads the image and an instruction holding the prompt; an MLP on the last hidden state of a
-``<|Reward|>`` token predicts a score's mean and spread, and the mean is the reward (about -5 to 15 on the authors'
-images; DanceGRPO's ``--use_hpsv3`` trains on it, ``fastvideo/train_grpo_flux_lora.py:339-344``).
+``<|Reward|>`` token predicts a score's mean and spread, and the mean is the reward (not standardised; DanceGRPO's
+``--use_hpsv3`` trains on it, ``fastvideo/train_grpo_flux_lora.py:339-344``).
 
 Built on transformers' Qwen2-VL classes with the checkpoint's keys mapped: the ``hpsv3`` package (1.0.0) pins
 transformers 4.45.2. ``tests/reference/hpsv3_package.py`` checks the scores against that package run in an
