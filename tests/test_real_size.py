@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from jsonargparse import Namespace
 from torch import nn
 
 import cli
@@ -15,8 +16,8 @@ from conftest import ROOT
 from precise_lightning.callbacks import RewardScorer
 from precise_lightning.plan import build_policy, parse, plan
 from precise_lightning.plan.memory import FrozenAwareMemTracker
-from precise_lightning.plan.rewards import PUBLISHED
-from precise_lightning.rewards import CLIPScore, PickScore
+from precise_lightning.plan.rewards import PUBLISHED, reward_parameters
+from precise_lightning.rewards import CLIPScore, HPSv3, PickScore
 from precise_lightning.policies import Flux2KleinPolicy, SD3Policy
 
 # Published figures: each component's weights file(s) as listed in the hub repository (decimal GB, 3 significant
@@ -58,6 +59,19 @@ def test_real_size_reward_models_match_the_hub_figures():
     with torch.device("meta"):
         assert round(PUBLISHED[PickScore]() / 1e6) == 986
         assert round(PUBLISHED[CLIPScore]() / 1e6) == 428
+
+
+def test_hpsv3_at_real_size_is_qwen2_vl_7b_with_its_model_card_size():
+    """Qwen2-VL-7B-Instruct's model page: 8.29B parameters. HPSv3's reward holds those less ``lm_head``, with
+    151,658 embedding rows (151,657 tokens and <|Reward|>) for 152,064, and its 3.7M-parameter ranknet head; a plan
+    counts it in bfloat16 (its default on a GPU) when its weights are not here."""
+    hidden, base_rows, rows = 3584, 152064, 151658
+    head = hidden * 1024 + 1024 + 1024 * 16 + 16 + 16 * 2 + 2
+    with torch.device("meta"):
+        count = PUBLISHED[HPSv3]()
+    base = count - head + (base_rows - rows) * hidden + base_rows * hidden  # + lm_head
+    assert round(base / 1e7) == 829
+    assert reward_parameters(Namespace(class_path="precise_lightning.rewards.HPSv3")) == (count, 2 * count)
 
 
 def _lora_by_hand_sd35(r: int = 32, d: int = 1536, blocks: int = 24) -> int:

@@ -5,15 +5,16 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import safetensors.torch
 import torch
-from transformers import AutoConfig, Qwen2VLModel
+from transformers import Qwen2VLConfig, Qwen2VLModel
 
 from precise_lightning.architectures.parts import Size
 from precise_lightning.architectures.rewards import published_random
-from precise_lightning.architectures.tokenizers import QWEN2_VL_CHAT_TEMPLATE, qwen2_vl_tokenizer
+from precise_lightning.architectures.tokenizers import QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIALS, qwen2_vl_tokenizer
 
 HPSV3, HPSV3_FILE, QWEN2_VL = "MizzenAI/HPSv3", "HPSv3.safetensors", "Qwen/Qwen2-VL-7B-Instruct"
 
@@ -36,6 +37,7 @@ QWEN2_VL_PREPROCESSOR = {
     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
     "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
 }
+QWEN2_VL_REGULAR_TOKENS = 151643  # the real tokenizer's ids before its special tokens
 RANKNET_HEAD = {"0": (1024, None), "3": (16, 1024), "5": (2, 16)}  # rm_head index -> (out, in; None: hidden size)
 
 
@@ -58,21 +60,27 @@ def qwen2_vl_config(size: Size, text_layers: int | None = None, vision_layers: i
     return config
 
 
-def checkpoint_shapes(config_dir: Path, rows: int) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of ``HPSv3.safetensors`` for the base model in ``config_dir``, its embeddings resized to
+def checkpoint_shapes(config: dict, rows: int) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of ``HPSv3.safetensors`` for the base model's config.json ``config``, its embeddings resized to
     ``rows`` (the tokenizer with ``<|Reward|>`` added): transformers 4.45's names (``model.*`` the language model,
     ``visual.*``, ``lm_head``) and the ranknet head."""
-    config = AutoConfig.from_pretrained(config_dir)
-    config.text_config.vocab_size = rows
+    parsed = Qwen2VLConfig.from_dict(config)
+    parsed.text_config.vocab_size = rows
     with torch.device("meta"):
-        model = Qwen2VLModel(config)
+        model = Qwen2VLModel(parsed)
     shapes = {("model." + k.removeprefix("language_model.") if k.startswith("language_model.") else k): tuple(v.shape)
               for k, v in model.state_dict().items()}
-    hidden = config.text_config.hidden_size
+    hidden = parsed.text_config.hidden_size
     shapes["lm_head.weight"] = (rows, hidden)
     for index, (out, inp) in RANKNET_HEAD.items():
         shapes[f"rm_head.{index}.weight"], shapes[f"rm_head.{index}.bias"] = (out, inp or hidden), (out,)
     return shapes
+
+
+def hpsv3_parameters() -> int:
+    """Parameters the HPSv3 reward holds at real size: the checkpoint's but ``lm_head`` (never read)."""
+    rows = len(QWEN2_VL_SPECIALS) + QWEN2_VL_REGULAR_TOKENS + 1  # + <|Reward|>
+    return sum(math.prod(shape) for key, shape in checkpoint_shapes(QWEN2_VL_7B, rows).items() if key != "lm_head.weight")
 
 
 def write_hpsv3(root: Path, size: Size = "tiny", text_layers: int | None = None, vision_layers: int | None = None,
@@ -82,14 +90,15 @@ def write_hpsv3(root: Path, size: Size = "tiny", text_layers: int | None = None,
     arguments whatever the global RNG; returns the checkpoint's path."""
     base = root / QWEN2_VL
     base.mkdir(parents=True, exist_ok=True)
-    (base / "config.json").write_text(json.dumps(qwen2_vl_config(size, text_layers, vision_layers), indent=2))
+    config = qwen2_vl_config(size, text_layers, vision_layers)
+    (base / "config.json").write_text(json.dumps(config, indent=2))
     (base / "preprocessor_config.json").write_text(json.dumps(QWEN2_VL_PREPROCESSOR, indent=2))
     (base / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}))
     tokenizer = qwen2_vl_tokenizer()
     tokenizer.save_pretrained(base)
     generator = torch.Generator().manual_seed(seed)
     state = {key: published_random(shape, key, generator).to(torch.bfloat16)
-             for key, shape in checkpoint_shapes(base, len(tokenizer) + 1).items()}
+             for key, shape in checkpoint_shapes(config, len(tokenizer) + 1).items()}
     path = root / HPSV3 / HPSV3_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(state, path, metadata={"format": "pt"})  # what transformers 4.45 asks of a file

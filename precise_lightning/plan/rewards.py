@@ -3,6 +3,7 @@ as GenEval's and VLM judges' load none), else on the published architecture buil
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -13,9 +14,10 @@ from jsonargparse.typing import import_object
 from torch import nn
 from transformers import CLIPModel
 
+from precise_lightning.architectures.hpsv3 import hpsv3_parameters
 from precise_lightning.architectures.rewards import CLIPSCORE, PICKSCORE, clip_config, hpsv2_config, imagereward_shapes
 from precise_lightning.hub import WeightsNotFoundError, frozen_dtype
-from precise_lightning.rewards import AestheticScore, CLIPScore, HPSv2, ImageReward, PickScore
+from precise_lightning.rewards import AestheticScore, CLIPScore, HPSv2, HPSv3, ImageReward, PickScore
 from precise_lightning.rewards.aesthetic import aesthetic_mlp
 
 
@@ -29,6 +31,7 @@ PUBLISHED: dict[type, Callable[[], int]] = {
     CLIPScore: lambda: _count(CLIPModel(clip_config(CLIPSCORE, "real"))),
     HPSv2: lambda: _count(open_clip.CLIP(**hpsv2_config("real"))),
     ImageReward: lambda: sum(math.prod(s) for k, s in imagereward_shapes("real")[0].items()),
+    HPSv3: hpsv3_parameters,
     AestheticScore: lambda: _count(CLIPModel(clip_config(CLIPSCORE, "real"))) + _count(aesthetic_mlp(768)),
 }
 
@@ -45,6 +48,7 @@ def reward_parameters(spec: Any) -> tuple[int, int]:
             raise
         with torch.device("meta"):
             count = published()
-        return count, count * frozen_dtype(init.get("dtype", "float32")).itemsize
+        dtype = init.get("dtype", inspect.signature(cls).parameters["dtype"].default)
+        return count, count * (frozen_dtype(dtype).itemsize if dtype is not None else 2)  # None: bfloat16 on a GPU
     count = sum(p.numel() for p in model.parameters())
     return count, sum(p.numel() * p.element_size() for p in model.parameters())
