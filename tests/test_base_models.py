@@ -162,7 +162,8 @@ def test_recipe_trains_two_iterations_and_its_lora_loads_into_a_stock_pipeline(t
     assert (_stock_image(base, policy, noise, 6) - trained).abs().max() > 1e-3  # the LoRA matters
 
 
-@SD35_FAST
+@pytest.mark.slow  # bf16 autocast on a CPU: 9 s (the inner loop fits SD3.5 in the full fine-tuning test)
+@MODELS
 def test_recipe_runs_in_bf16_mixed_with_ratio_exactly_one(tmp_path, model_root, m):
     """Rollout and re-scoring compute identically under autocast; log-probs stay float32. The sampler is Precise-2M
     (its stored previous x0_hat makes re-scoring exact too); the reward is the smoke overlay's JPEG

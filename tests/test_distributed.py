@@ -85,8 +85,10 @@ def _assert_same(a: dict, b: dict, atol: float) -> None:
 def test_one_process_ddp_and_fsdp_give_the_same_update(tmp_path, setting):
     """Same global batch, same per-sample noise: the update does not depend on how the batch is split (float32;
     the tolerance covers summation order in the all-reduce, measured differences are below 1e-7)."""
-    runs = {s: _fit(tmp_path, s, s, "--trainer.max_steps", "2", *setting) for s in STRATEGIES}
-    for strategy in ("ddp", "fsdp"):
+    # DDP only with the first setting: its all-reduce of gradients does not depend on the objective or the adapter
+    strategies = list(STRATEGIES) if "--model.drop_zero_advantage" in setting else ["single", "fsdp"]
+    runs = {s: _fit(tmp_path, s, s, "--trainer.max_steps", "2", *setting) for s in strategies}
+    for strategy in strategies[1:]:
         _assert_same(runs["single"], runs[strategy], atol=1e-6)
         # identical rollouts; the logged value is a mean of per-rank means under DDP / FSDP2, so it may differ from
         # the one-process mean in the last bit (measured: 1 float32 ulp with Precise-2M)

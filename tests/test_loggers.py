@@ -8,6 +8,7 @@ import cli
 from conftest import demo_args, tensorboard
 
 
+@pytest.mark.slow  # three loggers' fits
 def test_evaluation_grid_and_captions_reach_tensorboard_wandb_and_mlflow(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

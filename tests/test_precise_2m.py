@@ -92,6 +92,7 @@ def test_velocity_gain_is_the_derivative_of_the_mean(t_prev, t, t_next):
     assert velocity_gain("precise_2m", t, t_next, 1.5, t_prev) != velocity_gain("precise", t, t_next, 1.5)
 
 
+@pytest.mark.slow  # fine-step simulation: 6 s a grid
 @pytest.mark.parametrize("grid", [LinearGrid(), SD3Grid(3.0)], ids=["uniform", "sd3"])
 def test_gaussian_toy_converges_to_the_exact_marginal_closer_than_precise(grid):
     """Data N(mu, s^2) in one dimension: x0_hat is exact (linear in x), so each sampler's output should be

@@ -104,6 +104,7 @@ def recipes():
             for name in ("sd35_precise", "flux2_klein_precise", "flux1_dev_hpsv2", "qwen_image_pickscore")}
 
 
+@pytest.mark.slow  # real-size models (meta)
 @pytest.mark.parametrize("name, by_hand, blocks", [("sd35_precise", _lora_by_hand_sd35(), 24),
                                                    ("flux2_klein_precise", _lora_by_hand_klein(), 5 + 20),
                                                    ("flux1_dev_hpsv2", _lora_by_hand_flux1(), 19 + 38),
@@ -123,6 +124,7 @@ def test_recipe_lora_counts_shard_units_and_frozen_parts_at_real_size(recipes, n
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == by_hand
 
 
+@pytest.mark.slow  # real-size models (meta)
 def test_text_encoder_dtype_in_a_plan_is_the_recipes(recipes):
     """SD3.5: float16, with T5's feed-forward outputs kept float32 as from_pretrained keeps them; Klein: bfloat16
     (the GPU default)."""
@@ -205,6 +207,7 @@ def test_plan_peak_equals_the_peak_measured_on_real_tensors_within_10_percent(tm
     assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
 
 
+@pytest.mark.slow  # real-size models (meta)
 @pytest.mark.parametrize("name, billions", [("flux1_dev_hpsv2", 12), ("qwen_image_pickscore", 20)])
 def test_transcribed_transformers_have_their_model_cards_sizes(recipes, name, billions):
     """FLUX.1-dev's card: "a 12 billion parameter rectified flow transformer"; Qwen-Image's: "a 20B MMDiT". Their

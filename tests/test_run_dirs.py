@@ -33,6 +33,7 @@ def test_a_second_live_fit_in_a_run_directory_is_refused_before_it_writes(tmp_pa
     assert "ckpt_path: " in (version / "config_validate.yaml").read_text()
 
 
+@pytest.mark.slow  # a subprocess fit, killed
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
             "from precise_lightning.run_dirs import lock_run_directory; "
