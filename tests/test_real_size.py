@@ -13,6 +13,7 @@ from torch import nn
 
 import cli
 from conftest import ROOT
+from precise_lightning import hub
 from precise_lightning.callbacks import RewardScorer
 from precise_lightning.plan import build_policy, parse, plan
 from precise_lightning.plan.memory import FrozenAwareMemTracker
@@ -61,7 +62,7 @@ def test_real_size_reward_models_match_the_hub_figures():
         assert round(PUBLISHED[CLIPScore]() / 1e6) == 428
 
 
-def test_hpsv3_at_real_size_is_qwen2_vl_7b_with_its_model_card_size():
+def test_hpsv3_at_real_size_is_qwen2_vl_7b_with_its_model_card_size(monkeypatch):
     """Qwen2-VL-7B-Instruct's model page: 8.29B parameters. HPSv3's reward holds those less ``lm_head``, with
     151,658 embedding rows (151,657 tokens and <|Reward|>) for 152,064, and its 3.7M-parameter ranknet head; a plan
     counts it in bfloat16 (its default on a GPU) when its weights are not here."""
@@ -71,6 +72,7 @@ def test_hpsv3_at_real_size_is_qwen2_vl_7b_with_its_model_card_size():
         count = PUBLISHED[HPSv3]()
     base = count - head + (base_rows - rows) * hidden + base_rows * hidden  # + lm_head
     assert round(base / 1e7) == 829
+    monkeypatch.setattr(hub, "_model_root", None)  # no weights here, whatever an earlier in-process run set
     assert reward_parameters(Namespace(class_path="precise_lightning.rewards.HPSv3")) == (count, 2 * count)
 
 

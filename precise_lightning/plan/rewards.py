@@ -48,7 +48,8 @@ def reward_parameters(spec: Any) -> tuple[int, int]:
             raise
         with torch.device("meta"):
             count = published()
-        dtype = init.get("dtype", inspect.signature(cls).parameters["dtype"].default)
+        default = inspect.signature(cls).parameters.get("dtype")
+        dtype = init.get("dtype", default.default if default is not None else "float32")
         return count, count * (frozen_dtype(dtype).itemsize if dtype is not None else 2)  # None: bfloat16 on a GPU
     count = sum(p.numel() for p in model.parameters())
     return count, sum(p.numel() * p.element_size() for p in model.parameters())

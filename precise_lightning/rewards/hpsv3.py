@@ -152,7 +152,7 @@ class HPSv3(Reward):
                              "HPSv3 was trained from (Qwen/Qwen2-VL-7B-Instruct)")
         config = load_pretrained(AutoConfig.from_pretrained, base, "HPSv3 base model's config", "base")
         config.text_config.vocab_size = rows  # the package's resize_token_embeddings, before its load
-        self.dtype = frozen_dtype(dtype if dtype is not None else ("bfloat16" if torch.cuda.is_available() else None))
+        self.dtype = frozen_dtype(dtype)  # None: bfloat16 on a GPU, float32 on a CPU
         self.model = Qwen2VLModel.from_pretrained(None, config=config, state_dict=weights, dtype=self.dtype)
         self.head = ranknet_head(config.text_config.hidden_size)
         self.head.load_state_dict(head)
